@@ -1,0 +1,61 @@
+"""The aggregator interface: the server learns only the sum of the cohort's clipped update vectors.
+
+Every update is a flat float32 vector in the round's *release space* (the parameters the devices send:
+all weights, or only LoRA adapters and the round's selected embedding rows). Devices are streamed in with
+`add`; `finalize` returns the sum. A secure aggregator replaces the plain sum without any change to device
+or server code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoundContext:
+    """What every participant of one round may know (all of it public to the cohort)."""
+
+    round: int  # 0-based round index
+    dim: int  # length of the release vector
+    cohort: list[int]  # device (user) ids sampled this round
+    clip_bound: float  # L2 bound C on each device's update
+    seed: int  # run seed (for simulation determinism; never a secret)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AggregateResult:
+    """What the server learns at the end of a round."""
+
+    total: torch.Tensor  # sum of the (clipped, weighted) update vectors, float32 [dim]
+    weight_sum: float  # sum of device weights
+    num_contributors: int  # devices whose update is in `total`
+    aux: dict[str, float] = field(default_factory=dict)  # sums of per-device scalars (e.g. clipped indicators)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Aggregator(ABC):
+    """Streams device updates in; reveals only their sum.
+
+    Life cycle per round: `begin(ctx)` → `add(...)` for each device that finished → `finalize()`.
+    `finalize` raises `pflm.errors.AggregationFailed` when the round cannot be completed safely (e.g. too
+    few survivors); the caller then leaves the model and the privacy accountant untouched.
+    """
+
+    name: str = "base"
+
+    @abstractmethod
+    def begin(self, ctx: RoundContext) -> None: ...
+
+    @abstractmethod
+    def add(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> None:
+        """Add one device's clipped update (float32 [ctx.dim]) with its weight and scalar side values."""
+
+    def drop(self, device_id: int) -> None:
+        """The device will not contribute this round (failed, NaN update, dropped out)."""
+
+    @abstractmethod
+    def finalize(self) -> AggregateResult: ...

@@ -1,0 +1,45 @@
+"""Plain (non-cryptographic) summation, the fast default when the server is trusted to see only sums in code."""
+
+from __future__ import annotations
+
+import torch
+
+from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext
+from pflm.errors import AggregationFailed
+
+
+class PlainSumAggregator(Aggregator):
+    name = "plain"
+
+    def __init__(self) -> None:
+        self._ctx: RoundContext | None = None
+        self._total: torch.Tensor | None = None
+
+    def begin(self, ctx: RoundContext) -> None:
+        self._ctx = ctx
+        self._total = torch.zeros(ctx.dim, dtype=torch.float64)
+        self._weight = 0.0
+        self._count = 0
+        self._aux: dict[str, float] = {}
+        self._seen: set[int] = set()
+
+    def add(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> None:
+        assert self._ctx is not None and self._total is not None, "begin() not called"
+        if update.numel() != self._ctx.dim:
+            raise AggregationFailed(
+                f"device {device_id} sent an update of length {update.numel()}, expected {self._ctx.dim}"
+            )
+        if device_id in self._seen:
+            raise AggregationFailed(f"device {device_id} sent two updates in round {self._ctx.round}")
+        self._seen.add(device_id)
+        self._total += update.reshape(-1).to(torch.float64)
+        self._weight += float(weight)
+        self._count += 1
+        for k, v in (aux or {}).items():
+            self._aux[k] = self._aux.get(k, 0.0) + float(v)
+
+    def finalize(self) -> AggregateResult:
+        assert self._total is not None
+        if self._count == 0:
+            raise AggregationFailed("no device contributed an update this round")
+        return AggregateResult(self._total.to(torch.float32), self._weight, self._count, dict(self._aux))

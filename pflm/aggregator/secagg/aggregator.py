@@ -1,0 +1,287 @@
+"""`SecureAggregator`: the secure-aggregation protocol behind the streaming `Aggregator` interface.
+
+`begin` runs AdvertiseKeys and ShareKeys for the cohort, `add` runs the device's encoding and masking (the same
+functions a real client calls) and sums the masked vector, `drop` marks a dropout, `finalize` runs Unmasking and
+decodes. `mode="simulate"` skips the cryptography but draws the same rounding, dropouts and survivor sets, so its
+integer sum is bit-identical to the full protocol's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext
+from pflm.aggregator.secagg import shamir
+from pflm.aggregator.secagg.client import SecAggClient
+from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
+from pflm.aggregator.secagg.graph import effective_degree, graph_seed, harary_graph
+from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
+from pflm.aggregator.secagg.protocol import SecAggServer, key_sharing_survivors, recovery_problem
+from pflm.errors import AggregationFailed
+
+STAGES = ("advertise", "share", "masked_input", "unmask")
+
+
+def dropout_plan(cfg: SecAggConfig, ctx: RoundContext, cohort: list[int]) -> dict[int, str]:
+    """Simulated dropouts: device → the stage before which it drops (absent = never), seeded by (run seed, round)."""
+    probs = [cfg.dropout_advertise, cfg.dropout_share, cfg.dropout_masked_input, cfg.dropout_unmask]
+    if not any(probs):
+        return {}
+    digest = hashlib.sha256(f"pflm-secagg-dropout|{ctx.seed}|{ctx.round}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:16], "big"))
+    draws = rng.random((len(cohort), len(STAGES)))
+    plan: dict[int, str] = {}
+    for u, row in zip(cohort, draws):
+        for stage, p, r in zip(STAGES, probs, row):
+            if r < p:
+                plan[u] = stage
+                break
+    return plan
+
+
+def upload_bytes_estimate(degree: int, length: int, bits: int) -> int:
+    """Bytes one device sends in the full protocol (keys, encrypted shares, masked vector, unmask answers)."""
+    share_msg = 16 + 16 + 2 * shamir.SHARE_BYTES + 16  # ids, (sender,receiver) header, 2 shares, AEAD tag
+    return 104 + degree * share_msg + (length * bits + 7) // 8 + 8 + degree * (8 + shamir.SHARE_BYTES)
+
+
+class SecureAggregator(Aggregator):
+    name = "secure"
+
+    def __init__(self, config: SecAggConfig | None = None) -> None:
+        self.config = config or SecAggConfig()
+        self.ctx: RoundContext | None = None
+        self.codec: FixedPointCodec | None = None
+        self.last_sum: np.ndarray | None = None  # revealed Σ of encoded inputs mod 2^b (tests, audits)
+        self.transcript: dict[str, Any] = {}
+        self.server: SecAggServer | None = None
+
+    @property
+    def contributors(self) -> list[int]:
+        """Devices whose masked input is in this round's sum so far (U3)."""
+        return sorted(self._contributed)
+
+    # ---------------------------------------------------------------- begin: AdvertiseKeys + ShareKeys
+    def begin(self, ctx: RoundContext) -> None:
+        cfg = self.config
+        self.ctx = ctx
+        self.codec = None
+        self.last_sum = None
+        self._failure: str | None = None
+        self._seen: set[int] = set()
+        self._dropped: set[int] = set()
+        self._contributed: set[int] = set()
+        self._excluded = {"not_in_key_sharing": 0, "nonfinite": 0, "simulated_dropout": 0}
+        self._secs = {k: 0.0 for k in ("advertise", "share", "encode", "mask", "unmask_clients", "unmask_server")}
+        self._float_sum: np.ndarray | None = None
+        self._acc: np.ndarray | None = None
+        self.transcript = {"masked": {}, "requests": {}, "responses": {}} if cfg.keep_transcript else {}
+        cohort = sorted(set(int(u) for u in ctx.cohort))
+        if len(cohort) != len(ctx.cohort):
+            raise AggregationFailed(f"round {ctx.round}: the cohort lists a device twice")
+        self.cohort = cohort
+        n = len(cohort)
+        self.plan = dropout_plan(cfg, ctx, cohort)
+        if n < 3:
+            self._failure = f"secure aggregation needs a cohort of at least 3 devices, got {n}"
+            return
+        self.degree = effective_degree(n, cfg.degree(n))
+        self.threshold = cfg.threshold_for(self.degree)
+        self.graph = harary_graph(cohort, cfg.degree(n), graph_seed(ctx.seed, ctx.round))
+        self.session = Session(
+            session_id=secrets.token_bytes(16),
+            round=ctx.round,
+            bits=cfg.bits,
+            threshold=self.threshold,
+            x_of={u: i + 1 for i, u in enumerate(cohort)},
+        )
+        advertised = {u for u in cohort if self.plan.get(u) != "advertise"}
+        if cfg.mode == "simulate":
+            sent = {
+                u
+                for u in advertised
+                if self.plan.get(u) != "share" and len(self.graph[u] & advertised) >= self.threshold
+            }
+            self.u2 = key_sharing_survivors(self.graph, advertised, sent, self.threshold)
+        else:
+            self._begin_full(advertised)
+        if len(self.u2) < self.threshold:
+            self._failure = (
+                f"only {len(self.u2)} of {n} devices completed key sharing, fewer than the threshold {self.threshold}"
+            )
+
+    def _begin_full(self, advertised: set[int]) -> None:
+        t0 = time.perf_counter()
+        self.clients = {u: SecAggClient(u, self.session) for u in sorted(advertised)}
+        self.server = SecAggServer(self.session, self.graph)
+        self.server.receive_advertisements([c.advertise() for c in self.clients.values()])
+        t1 = time.perf_counter()
+        outboxes: dict[int, dict[int, bytes]] = {}
+        for u, client in self.clients.items():
+            if self.plan.get(u) == "share":
+                continue
+            peers = self.server.peers_of(u)
+            if len(peers) < self.threshold:
+                continue  # the device cannot share its secrets safely: it leaves the round
+            outboxes[u] = client.share_keys(peers)
+        inboxes = self.server.route_shares(outboxes)
+        for v, inbox in inboxes.items():
+            self.clients[v].receive_shares(inbox)
+        self.u2 = set(self.server.u2)
+        self._secs["advertise"], self._secs["share"] = t1 - t0, time.perf_counter() - t1
+        self._stream = MaskStream(1, self.config.bits)
+        if self.config.keep_transcript:
+            self.transcript["ads"] = dict(self.server.ads)
+            self.transcript["ciphertexts"] = {u: dict(o) for u, o in outboxes.items()}
+
+    # ---------------------------------------------------------------- add: device-side encoding + masking
+    def _make_codec(self, aux: dict[str, float]) -> FixedPointCodec:
+        assert self.ctx is not None
+        cfg = self.config
+        keys = tuple(cfg.aux_keys or self.ctx.extra.get("aux_keys") or sorted(aux))
+        return FixedPointCodec(
+            cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_bound_factor,
+            cfg.max_weight, keys, cfg.aux_bound,
+        )
+
+    def add(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> None:
+        if self.ctx is None:
+            raise AggregationFailed("SecureAggregator.add called before begin()")
+        ctx, u, aux = self.ctx, int(device_id), dict(aux or {})
+        if update.numel() != ctx.dim:
+            raise AggregationFailed(f"device {u} sent an update of length {update.numel()}, expected {ctx.dim}")
+        if u not in self.ctx.cohort:
+            raise AggregationFailed(f"device {u} is not in the cohort of round {ctx.round}")
+        if u in self._seen:
+            raise AggregationFailed(f"device {u} sent two updates in round {ctx.round}")
+        if u in self._dropped:
+            raise AggregationFailed(f"device {u} was dropped in round {ctx.round} and then sent an update")
+        self._seen.add(u)
+        if self._failure is not None:
+            return
+        if u not in self.u2:
+            self._excluded["not_in_key_sharing"] += 1
+            return
+        if self.plan.get(u) == "masked_input":
+            self._excluded["simulated_dropout"] += 1
+            self._dropped.add(u)
+            return
+        x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encode widens it
+        if not (math.isfinite(float(x.sum(dtype=np.float64))) and math.isfinite(weight) and all(math.isfinite(v) for v in aux.values())):
+            self._excluded["nonfinite"] += 1
+            self._dropped.add(u)
+            return
+        if self.codec is None:
+            self.codec = self._make_codec(aux)
+        unknown = sorted(set(aux) - set(self.codec.aux_keys))
+        if unknown:
+            raise AggregationFailed(
+                f"device {u} sent aux values {unknown} outside the round's layout {list(self.codec.aux_keys)}: "
+                "list every aux name in aggregation.secagg.aux_keys"
+            )
+        t0 = time.perf_counter()
+        key = rounding_key(ctx.seed if self.config.rounding == "seeded" else None, ctx.round, u)
+        enc = self.codec.encode(x, float(weight), aux, key)
+        t1 = time.perf_counter()
+        if self.config.mode == "full":
+            assert self.server is not None
+            if self._stream.length != enc.ints.size:
+                self._stream = MaskStream(enc.ints.size, self.config.bits)
+            y = self.clients[u].masked_input(enc.ints, self.server.mask_list(u), self._stream)
+            self.server.receive_masked(u, y)
+            if self.config.keep_transcript:
+                self.transcript["masked"][u] = y
+        else:
+            if self._acc is None:
+                self._acc = np.zeros(enc.ints.size, dtype=word_dtype(self.config.bits))
+            np.add(self._acc, enc.ints, out=self._acc)
+        self._secs["encode"] += t1 - t0
+        self._secs["mask"] += time.perf_counter() - t1
+        self._contributed.add(u)
+        if self.config.measure_quant_error:
+            if self._float_sum is None:
+                self._float_sum = np.zeros(ctx.dim, dtype=np.float64)
+            b = self.codec.value_bound
+            self._float_sum += np.clip(x, -b, b) if enc.clamped else x
+
+    def drop(self, device_id: int) -> None:
+        """Mark a dropout; a device whose masked input already arrived stays in the sum."""
+        if int(device_id) not in self._contributed:
+            self._dropped.add(int(device_id))
+
+    # ---------------------------------------------------------------- finalize: Unmasking + decoding
+    def finalize(self) -> AggregateResult:
+        if self.ctx is None:
+            raise AggregationFailed("SecureAggregator.finalize called before begin()")
+        if self._failure is not None:
+            raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {self._failure}")
+        u3 = set(self._contributed)
+        if not u3 or self.codec is None:
+            raise AggregationFailed("no device contributed an update this round")
+        responders = {v for v in u3 if self.plan.get(v) != "unmask"}
+        problem = recovery_problem(self.graph, self.u2, u3, responders, self.threshold)
+        if problem:
+            raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {problem}")
+        bad_shares = 0
+        if self.config.mode == "full":
+            total = self._finalize_full(responders)
+            assert self.server is not None
+            bad_shares = self.server.bad_shares
+        else:
+            assert self._acc is not None
+            total = self.session.reduce(self._acc.copy())
+        self.last_sum = total
+        dec = self.codec.decode(total)
+        return AggregateResult(
+            torch.from_numpy(dec.update.astype(np.float32)), dec.weight, len(u3), dec.aux,
+            self._metrics(dec.clamped, len(u3), bad_shares, dec.update),
+        )
+
+    def _finalize_full(self, responders: set[int]) -> np.ndarray:
+        assert self.server is not None
+        t0 = time.perf_counter()
+        responses = {}
+        for v in sorted(responders):
+            request = self.server.unmask_request(v)
+            responses[v] = self.clients[v].unmask(*request)
+            if self.config.keep_transcript:
+                self.transcript["requests"][v] = request
+                self.transcript["responses"][v] = responses[v]
+        t1 = time.perf_counter()
+        total = self.server.finish(responses, self._stream)
+        self._secs["unmask_clients"], self._secs["unmask_server"] = t1 - t0, time.perf_counter() - t1
+        return total
+
+    def _metrics(self, clamped: int, contributors: int, bad_shares: int, decoded: np.ndarray) -> dict[str, float]:
+        assert self.codec is not None
+        m: dict[str, float] = {
+            "secagg_wraps": float(clamped),
+            "secagg_quant_step": 1.0 / self.codec.value_scale,
+            "secagg_quant_error_bound": self.codec.quant_error_bound(contributors),
+            "secagg_survivors": float(contributors),
+            "secagg_key_sharing": float(len(self.u2)),
+            "secagg_dropped_after_sharing": float(len(self.u2) - contributors),
+            "secagg_degree": float(self.degree),
+            "secagg_threshold": float(self.threshold),
+            "secagg_bad_shares": float(bad_shares),
+        }
+        m.update({f"secagg_excluded_{k}": float(v) for k, v in self._excluded.items()})
+        m.update({f"secagg_seconds_{k}": v for k, v in self._secs.items()})
+        if self.config.mode == "full":
+            sent = [c.bytes_sent for c in self.clients.values() if c.device_id in self._contributed]
+            m["secagg_bytes_per_device_mean"] = float(np.mean(sent))
+            m["secagg_bytes_per_device_max"] = float(np.max(sent))
+            self.clients = {}
+        else:
+            m["secagg_bytes_per_device_mean"] = float(upload_bytes_estimate(self.degree, self.codec.length, self.config.bits))
+        if self._float_sum is not None:
+            m["secagg_quant_error_max"] = float(np.max(np.abs(decoded - self._float_sum)))
+        return m

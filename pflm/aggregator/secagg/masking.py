@@ -1,0 +1,99 @@
+"""Key derivation and mask expansion: HKDF-SHA256 keys bound to the session, ChaCha20 keystreams as b-bit ints."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_NONCE16 = bytes(16)  # every ChaCha20 key below is used for exactly one stream, so a fixed nonce is safe
+AEAD_NONCE = bytes(12)  # every share-encryption key is used for exactly one message
+
+
+def word_dtype(bits: int) -> type[np.unsignedinteger]:
+    """Machine word holding b-bit values; sums wrap mod 2^word, which 2^b divides."""
+    return np.uint32 if bits <= 32 else np.uint64
+
+
+@dataclass(frozen=True)
+class Session:
+    """Public parameters of one protocol run, known to the server and every device of the cohort."""
+
+    session_id: bytes  # fresh random per round; binds every derived key
+    round: int
+    bits: int
+    threshold: int
+    x_of: dict[int, int]  # device id → its public Shamir x-coordinate
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        return word_dtype(self.bits)
+
+    @property
+    def modmask(self) -> int:
+        return (1 << self.bits) - 1
+
+    def reduce(self, y: np.ndarray) -> np.ndarray:
+        """Reduce word arithmetic to Z_{2^b} in place."""
+        if self.bits not in (32, 64):
+            np.bitwise_and(y, self.dtype(self.modmask), out=y)
+        return y
+
+    def binding(self, *ids: int) -> bytes:
+        return self.session_id + struct.pack(">q", self.round) + b"".join(struct.pack(">q", i) for i in ids)
+
+
+def hkdf(ikm: bytes, label: bytes, session: Session, *ids: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=session.session_id, info=label + session.binding(*ids)).derive(
+        ikm
+    )
+
+
+def pairwise_key(own: X25519PrivateKey, peer_public: bytes, session: Session, u: int, v: int) -> bytes:
+    """Mask key shared by u and v (symmetric: ids are bound in increasing order)."""
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return hkdf(shared, b"pflm-secagg-pair", session, min(u, v), max(u, v))
+
+
+def self_mask_key(seed: bytes, session: Session, u: int) -> bytes:
+    return hkdf(seed, b"pflm-secagg-self", session, u)
+
+
+def channel_key(own: X25519PrivateKey, peer_public: bytes, session: Session, sender: int, receiver: int) -> bytes:
+    """AEAD key of the one share message sender → receiver (direction-bound, so each key encrypts once)."""
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return hkdf(shared, b"pflm-secagg-share", session, sender, receiver)
+
+
+def pair_sign(u: int, v: int) -> int:
+    """u adds the u–v mask when u < v and subtracts it otherwise, so the pair's masks cancel in the sum."""
+    return 1 if u < v else -1
+
+
+class MaskStream:
+    """Expands 32-byte keys into uniform words with ChaCha20, reusing one buffer (the view is overwritten next call)."""
+
+    def __init__(self, length: int, bits: int) -> None:
+        self.dtype = word_dtype(bits)
+        self.length = length
+        nbytes = length * np.dtype(self.dtype).itemsize
+        self._zeros = bytes(nbytes)
+        self._buf = bytearray(nbytes + 64)
+
+    def expand(self, key: bytes) -> np.ndarray:
+        enc = Cipher(algorithms.ChaCha20(key, _NONCE16), mode=None).encryptor()
+        enc.update_into(self._zeros, self._buf)
+        return np.frombuffer(self._buf, dtype=self.dtype, count=self.length)
+
+    def add_into(self, acc: np.ndarray, key: bytes, sign: int) -> None:
+        """acc ← acc ± PRG(key) in word arithmetic."""
+        m = self.expand(key)
+        if sign > 0:
+            np.add(acc, m, out=acc)
+        else:
+            np.subtract(acc, m, out=acc)

@@ -1,0 +1,62 @@
+"""Shamir t-of-n secret sharing over the Mersenne prime field 2^521 − 1 (holds 32-byte secrets as one element)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ceil(521 / 8)
+
+
+def split(secret: int, xs: Sequence[int], threshold: int) -> dict[int, int]:
+    """Shares y = f(x) of a random degree-(threshold−1) polynomial with f(0) = secret, one per x in xs."""
+    if not 0 <= secret < PRIME:
+        raise ValueError("secret out of field range")
+    if threshold < 1 or threshold > len(xs):
+        raise ValueError(f"threshold {threshold} must be in [1, {len(xs)}]")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ValueError("share x-coordinates must be distinct and non-zero")
+    coeffs = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coeffs.reverse()
+    out: dict[int, int] = {}
+    for x in xs:
+        y = 0
+        for c in coeffs:
+            y = (y * x + c) % PRIME
+        out[x] = y
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    coeffs = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(coeffs)
+
+
+def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
+    """f(0) from the `threshold` shares with the smallest x (raises ValueError if there are fewer)."""
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} shares, need {threshold}")
+    xs = tuple(sorted(shares)[:threshold])
+    lam = _lagrange_at_zero(xs)
+    return sum(shares[x] * c for x, c in zip(xs, lam)) % PRIME
+
+
+def to_bytes(y: int) -> bytes:
+    return y.to_bytes(SHARE_BYTES, "big")
+
+
+def from_bytes(b: bytes) -> int:
+    y = int.from_bytes(b, "big")
+    if y >= PRIME:
+        raise ValueError("share out of field range")
+    return y

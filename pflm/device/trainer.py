@@ -1,0 +1,152 @@
+"""The device update: train the round's model on one user's transcripts, return the weight delta.
+
+One `DeviceTrainer` (model + optimizer) is built once and reused for every simulated device: per round the
+server's device state is loaded once; per device only the trainable tensors are reset. The same object runs
+inside the in-process simulator and inside the Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pflm.config import RecipeConfig
+from pflm.device.batching import LocalVocab, pack_sentences
+from pflm.device.layout import Layout, trainable_names
+from pflm.model.factory import build_model
+from pflm.model.lora import apply_lora
+from pflm.model.losses import UnigramSampler, full_softmax_loss, nce_loss, sampled_softmax_loss
+
+
+@dataclass
+class DeviceResult:
+    update: torch.Tensor  # flat float32 delta in the release layout (not yet clipped)
+    weight: float
+    num_tokens: int
+    num_sentences: int
+    train_loss: float
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def build_device_model(cfg: RecipeConfig, vocab_size: int, dp_compatible: bool = False) -> torch.nn.Module:
+    model = build_model(cfg.model, vocab_size, dp_compatible=dp_compatible)
+    if cfg.model.lora.rank > 0:
+        apply_lora(model, cfg.model.lora)
+    return model
+
+
+class DeviceTrainer:
+    def __init__(self, cfg: RecipeConfig, global_vocab_size: int, unigram_counts: np.ndarray | None = None) -> None:
+        self.cfg = cfg
+        self.global_vocab_size = global_vocab_size
+        peu = cfg.peu
+        self.local_vocab_size = global_vocab_size if peu.mode == "all" else peu.k
+        dp = cfg.dpsgd.enabled
+        self.model = build_device_model(cfg, self.local_vocab_size, dp_compatible=dp)
+        names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
+        params = dict(self.model.named_parameters())
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        self.layout = Layout(self.model, names)
+        self.trainable = [params[n] for n in names]
+        self.unigram_counts = None if unigram_counts is None else np.asarray(unigram_counts, dtype=np.float64)
+        d = cfg.device
+        if d.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.trainable, lr=d.lr, momentum=d.momentum)
+        else:
+            self.optimizer = torch.optim.Adam(self.trainable, lr=d.lr)
+        self.dpsgd = None
+        if dp:
+            from pflm.device.dpsgd import DeviceDPSGD
+
+            self.dpsgd = DeviceDPSGD(self)
+        self._start: list[torch.Tensor] = []
+        self.local_vocab = LocalVocab(global_vocab_size, None)
+        self.sampler: UnigramSampler | None = None
+        self.round = -1
+
+    def parameter_count(self) -> int:
+        return self.layout.dim
+
+    @torch.no_grad()
+    def load_round(self, round_idx: int, device_state: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        """Load the server's model for this round (vocab tensors already restricted to `rows`)."""
+        missing = self.model.load_state_dict(device_state, strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise ValueError(f"device state mismatch: missing={missing.missing_keys} extra={missing.unexpected_keys}")
+        self._start = [p.detach().clone() for p in self.trainable]
+        self.local_vocab = LocalVocab(self.global_vocab_size, rows)
+        self.round = round_idx
+        if self.cfg.device.loss != "full":
+            counts = self.unigram_counts if self.unigram_counts is not None else np.ones(self.global_vocab_size)
+            local = counts if rows is None else counts[rows.numpy()]
+            local = local.copy()
+            local[:3] = 0.0  # never sample pad/unk/<s> as noise words
+            self.sampler = UnigramSampler(local + (local.sum() == 0), alpha=self.cfg.device.unigram_alpha)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Per-sentence mean losses [B]."""
+        m = self.model
+        feats = m.features(inputs)
+        kind = self.cfg.device.loss
+        if kind == "full":
+            return full_softmax_loss(feats, m.output_weight(), m.output_bias(), targets, mask)
+        fn = sampled_softmax_loss if kind == "sampled_softmax" else nce_loss
+        return fn(feats, m.output_weight(), m.output_bias(), targets, mask, self.sampler, self.cfg.device.num_samples, generator=gen)
+
+    def train(self, user_id: int, sentences: list[list[int]]) -> DeviceResult:
+        """Local training on one user's sentences (token ids, no <s>/</s>); returns the delta."""
+        t0 = time.perf_counter()
+        cfg, d = self.cfg, self.cfg.device
+        with torch.no_grad():
+            for p, p0 in zip(self.trainable, self._start):
+                p.copy_(p0)
+        self.optimizer.state.clear()
+        rng = np.random.default_rng([cfg.seed, self.round, user_id, 0xD0])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        if cfg.data.max_sentences_per_device and len(sentences) > cfg.data.max_sentences_per_device:
+            keep = rng.choice(len(sentences), cfg.data.max_sentences_per_device, replace=False)
+            sentences = [sentences[i] for i in sorted(keep)]
+        seqs, lengths = pack_sentences(sentences, cfg.data.max_tokens)
+        n = seqs.shape[0]
+        self.model.train()
+        total_loss, total_tok, steps = 0.0, 0, 0
+        if self.dpsgd is not None:
+            total_loss, total_tok, steps = self.dpsgd.train(seqs, lengths, rng, gen)
+        else:
+            for _ in range(d.epochs):
+                order = torch.from_numpy(rng.permutation(n))
+                for s in range(0, n, d.batch_size):
+                    idx = order[s : s + d.batch_size]
+                    inputs, targets, mask = self.local_vocab.batch(seqs[idx], lengths[idx])
+                    ntok = mask.sum(1)
+                    if int(ntok.sum()) == 0:
+                        continue
+                    per_seq = self._loss(inputs, targets, mask, gen)
+                    loss = (per_seq * ntok).sum() / ntok.sum()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    total_loss += float(loss.detach()) * int(ntok.sum())
+                    total_tok += int(ntok.sum())
+                    steps += 1
+        with torch.no_grad():
+            update = torch.cat([(p - p0).reshape(-1) for p, p0 in zip(self.trainable, self._start)])
+        num_tokens = int((lengths - 1).sum())
+        weight = 1.0 if cfg.server.weighting == "uniform" else float(num_tokens)
+        metrics = {"local_steps": steps}
+        if self.dpsgd is not None:
+            metrics.update(self.dpsgd.last_metrics)
+        return DeviceResult(
+            update=update.float(),
+            weight=weight,
+            num_tokens=num_tokens,
+            num_sentences=n,
+            train_loss=total_loss / max(total_tok, 1),
+            seconds=time.perf_counter() - t0,
+            metrics=metrics,
+        )

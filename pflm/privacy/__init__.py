@@ -1,0 +1,1 @@
+"""Differential privacy: clipping/noise postprocessors, user- and sample-level accountants, budget tools."""

@@ -1,0 +1,62 @@
+"""Server optimizers: apply the noised average update (a pseudo-gradient) to the global weights, row-sparse aware."""
+
+from __future__ import annotations
+
+import torch
+
+from pflm.config import ServerConfig
+
+
+class ServerOptimizer:
+    """FedAvg (w += lr·Δ̄) or FedAdam (Reddi et al. 2021) over named global tensors.
+
+    `updates` maps a parameter name to (Δ̄, rows): rows=None updates the whole tensor; otherwise Δ̄ holds only the
+    listed rows (dim 0), and only those rows of the weights (and of the Adam moments) change.
+    """
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], updates: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        self.steps += 1
+        for name, (delta, rows) in updates.items():
+            p = params[name]
+            if self.cfg.optimizer == "fedavg":
+                if rows is None:
+                    p.add_(delta.view_as(p), alpha=self.cfg.lr)
+                else:
+                    p.index_add_(0, rows, delta.to(p.dtype), alpha=self.cfg.lr)
+                continue
+            st = self.state.get(name)
+            if st is None:
+                st = self.state[name] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+            b1, b2 = self.cfg.beta1, self.cfg.beta2
+            if rows is None:
+                m, v = st["m"], st["v"]
+                d = delta.view_as(p)
+                m.mul_(b1).add_(d, alpha=1 - b1)
+                v.mul_(b2).addcmul_(d, d, value=1 - b2)
+                p.add_(m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
+            else:
+                m = st["m"][rows].mul_(b1).add_(delta, alpha=1 - b1)
+                v = st["v"][rows].mul_(b2).addcmul_(delta, delta, value=1 - b2)
+                st["m"][rows] = m
+                st["v"][rows] = v
+                p.index_add_(0, rows, m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, st in self.state.items():
+            for k, t in st.items():
+                out[f"{k}::{name}"] = t
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], steps: int) -> None:
+        self.state = {}
+        for key, t in tensors.items():
+            k, name = key.split("::", 1)
+            self.state.setdefault(name, {})[k] = t.clone()
+        self.steps = steps

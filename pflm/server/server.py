@@ -1,0 +1,125 @@
+"""The federated server: plans each round (cohort, PEU rows, device model) and applies the private aggregate.
+
+It never sees an individual update: it receives an `AggregateResult` (a sum) from an aggregator, runs the
+server-side postprocessors (Gaussian noise, adaptive clipping), averages, steps the server optimizer and
+the privacy accountant. The in-process simulator and the Flower ServerApp both drive this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pflm.aggregator.base import AggregateResult, RoundContext
+from pflm.config import RecipeConfig
+from pflm.device.layout import Layout, trainable_names
+from pflm.device.trainer import build_device_model
+from pflm.privacy.base import Postprocessor
+from pflm.privacy.setup import PrivacySetup
+from pflm.server.optimizer import ServerOptimizer
+from pflm.server.peu import RowSelector
+from pflm.server.sampling import sample_cohort
+
+
+@dataclass
+class RoundPlan:
+    """What the server broadcasts to the round's cohort (all public)."""
+
+    round: int
+    cohort: list[int]  # user indices into the training population
+    rows: torch.Tensor | None  # selected global vocabulary rows (None = all)
+    device_state: dict[str, torch.Tensor]  # the device model's weights for this round
+    ctx: RoundContext
+
+
+class FederatedServer:
+    def __init__(self, cfg: RecipeConfig, vocab_size: int, population: int, prior_counts: np.ndarray | None) -> None:
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.population = population
+        torch.manual_seed(cfg.seed)
+        self.model = build_device_model(cfg, vocab_size)
+        self.params = dict(self.model.named_parameters())
+        self.vocab_names = set(self.model.vocab_parameters())
+        names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
+        self.global_layout = Layout(self.model, names)
+        self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
+        self.optimizer = ServerOptimizer(cfg.server)
+        self.privacy = PrivacySetup(cfg, population)
+        self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
+        self.rounds_done = 0
+
+    # ---- round planning -------------------------------------------------------------------------------------
+    def plan_round(self, round_idx: int) -> RoundPlan:
+        cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling, self.cfg.seed, round_idx)
+        rows = self.selector.select(round_idx)
+        ctx = RoundContext(
+            round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.cfg.privacy.clip_bound, seed=self.cfg.seed
+        )
+        for pp in self.postprocessors:
+            pp.update_context(ctx)
+        return RoundPlan(round_idx, cohort, rows, self.device_state(rows), ctx)
+
+    def release_dim(self) -> int:
+        k = self.selector.k
+        return sum(e.numel // e.shape[0] * k if e.vocab_axis else e.numel for e in self.global_layout.entries)
+
+    @torch.no_grad()
+    def device_state(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, t in self.model.state_dict().items():
+            state[name] = t[rows] if (rows is not None and name in self.vocab_names) else t
+        return state
+
+    # ---- applying the aggregate -----------------------------------------------------------------------------
+    def finish_round(self, plan: RoundPlan, agg: AggregateResult) -> dict[str, float]:
+        """Noise → average → server step → account. Returns round metrics."""
+        metrics: dict[str, float] = {"contributors": agg.num_contributors}
+        for pp in self.postprocessors:
+            agg, m = pp.on_server(agg, plan.ctx)
+            metrics.update(m)
+        if self.cfg.server.weighting == "uniform":
+            denom = float(self.cfg.server.cohort_size) if self.privacy.noise_multiplier > 0 else float(agg.num_contributors)
+        else:
+            denom = max(agg.weight_sum, 1e-12)
+        avg = agg.total / denom
+        metrics["update_norm"] = float(avg.norm())
+        self._apply(avg, plan.rows)
+        metrics.update(self.privacy.account_round())
+        self.rounds_done = plan.round + 1
+        return metrics
+
+    def _apply(self, avg: torch.Tensor, rows: torch.Tensor | None) -> None:
+        updates, off = {}, 0
+        for e in self.global_layout.entries:
+            shape = e.shape
+            if e.vocab_axis and rows is not None:
+                shape = (rows.numel(), *e.shape[1:])
+            n = int(np.prod(shape))
+            updates[e.name] = (avg[off : off + n].view(shape), rows if e.vocab_axis else None)
+            off += n
+        assert off == avg.numel(), (off, avg.numel())
+        self.optimizer.step(self.params, updates)
+
+    # ---- state for checkpoints -----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model::{k}": v for k, v in self.model.state_dict().items()}
+        out.update({f"opt::{k}": v for k, v in self.optimizer.state_tensors().items()})
+        return out
+
+    def state_json(self) -> dict:
+        return {
+            "rounds_done": self.rounds_done,
+            "optimizer_steps": self.optimizer.steps,
+            "privacy": self.privacy.state_dict(),
+        }
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        model_state = {k[len("model::"):]: v for k, v in tensors.items() if k.startswith("model::")}
+        self.model.load_state_dict(model_state, strict=True)
+        opt = {k[len("opt::"):]: v for k, v in tensors.items() if k.startswith("opt::")}
+        self.optimizer.load_state_tensors(opt, meta["optimizer_steps"])
+        self.privacy.load_state_dict(meta["privacy"])
+        self.rounds_done = meta["rounds_done"]

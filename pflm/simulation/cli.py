@@ -1,0 +1,63 @@
+"""`pflm train RECIPE [k=v ...]` and `pflm eval RUN_DIR`: run a recipe, evaluate a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pflm.config import load_recipe
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a recipe (resumes from the run's last checkpoint)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/chitchat_dp.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=3 privacy.noise_multiplier=0 data.dir=DIR")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=train_cmd)
+
+    e = sub.add_parser("eval", help="perplexity of a trained run on a split of a prepared data dir")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--max-users", type=int, default=0)
+    e.set_defaults(func=eval_cmd)
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    if cfg.backend == "flower":
+        from pflm.flower.run import run_flower
+
+        summary = run_flower(cfg)
+    else:
+        from pflm.simulation.simulator import Simulator
+
+        summary = Simulator(cfg).run(progress=not args.no_progress)
+    keys = [
+        "val_perplexity", "test_perplexity", "test_word_perplexity", "unigram_test_word_perplexity",
+        "epsilon", "delta", "noise_multiplier", "rounds", "wall_seconds", "stop_reason",
+    ]
+    for k in keys:
+        if k in summary:
+            print(f"{k}: {summary[k]}")
+    print(f"run_dir: {cfg.run_dir}")
+    return 0
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    from pflm.data.store import FederatedData
+    from pflm.evaluation.perplexity import evaluate
+    from pflm.simulation.artifacts import load_run_model
+    from pflm.simulation.simulator import load_eval_set
+
+    model, cfg, _tok, manifest = load_run_model(args.run_dir)
+    fd = FederatedData.open(args.data or cfg.data.dir)
+    if fd.manifest.get("tokenizer") != manifest.get("tokenizer"):
+        from pflm.errors import PflmError
+
+        raise PflmError(f"{args.data or cfg.data.dir} uses a different tokenizer than run {args.run_dir}; pass the run's data dir")
+    res = evaluate(model, load_eval_set(fd, args.split, args.max_users))
+    json.dump({"split": args.split, **res}, sys.stdout, indent=2)
+    print()
+    return 0

@@ -1,0 +1,214 @@
+"""The in-process simulator: sample → device updates → aggregate → noise → server step → validate, resumable.
+
+Per-round randomness is derived from (seed, round[, user]) only, so a run killed at any point and restarted
+from its last checkpoint ends with bit-identical weights to an uninterrupted run, and the privacy accountant
+resumes with the budget already spent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pflm.aggregator.base import Aggregator
+from pflm.config import RecipeConfig, recipe_to_dict
+from pflm.data.store import FederatedData
+from pflm.device.trainer import DeviceTrainer
+from pflm.errors import AggregationFailed, PflmError
+from pflm.evaluation.perplexity import EvalSet, build_eval_set, evaluate, unigram_baseline
+from pflm.io_utils import atomic_write_json, atomic_write_text
+from pflm.privacy.clipping import NonFiniteUpdate
+from pflm.server.server import FederatedServer, RoundPlan
+from pflm.simulation import artifacts
+from pflm.simulation.checkpoint import load_checkpoint, save_checkpoint
+
+EVAL_MAX_TOKENS = 120
+
+
+def make_aggregator(cfg: RecipeConfig) -> Aggregator:
+    if cfg.aggregation.kind == "secure":
+        from pflm.aggregator.secagg import make_secure_aggregator
+
+        return make_secure_aggregator(cfg.aggregation.secagg, seed=cfg.seed)
+    from pflm.aggregator.plain import PlainSumAggregator
+
+    return PlainSumAggregator()
+
+
+def load_eval_set(fd: FederatedData, split: str, max_users: int, max_tokens: int = EVAL_MAX_TOKENS) -> EvalSet:
+    n = fd.num_users(split)
+    users = range(n if max_users == 0 else min(n, max_users))
+    sents, texts = [], []
+    for u in users:
+        sents.extend(fd.user_tokens(split, u))
+        texts.extend(fd.user_texts(split, u))
+    return build_eval_set(sents, texts, max_tokens)
+
+
+def run_device(trainer: DeviceTrainer, server: FederatedServer, plan: RoundPlan, user: int, sentences) -> tuple:
+    """One device's whole contribution: local training, then the device-side postprocessors (clipping…)."""
+    res = trainer.train(user, sentences)
+    vec, aux = res.update, {}
+    for pp in server.postprocessors:
+        vec, a = pp.on_device(vec, plan.ctx)
+        aux.update(a)
+    if trainer.cfg.server.weighting == "tokens":
+        vec = vec * res.weight
+    return res, vec, aux
+
+
+class Simulator:
+    def __init__(self, cfg: RecipeConfig) -> None:
+        if not cfg.data.dir:
+            raise PflmError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.fd = FederatedData.open(cfg.data.dir)
+        self.vocab_size = self.fd.tokenizer.vocab_size
+        n_train = self.fd.num_users("train")
+        self.population = n_train if cfg.data.train_users == 0 else min(n_train, cfg.data.train_users)
+        if cfg.server.cohort_size > self.population:
+            raise PflmError(
+                f"server.cohort_size={cfg.server.cohort_size} exceeds the {self.population} training users; "
+                "lower the cohort or prepare more users"
+            )
+        counts = self.fd.token_counts()
+        self.run_dir = cfg.run_dir
+        self._check_compatible_run()
+        self.server = FederatedServer(cfg, self.vocab_size, self.population, counts)
+        self.trainer = DeviceTrainer(cfg, self.vocab_size, counts)
+        self.aggregator = make_aggregator(cfg)
+        self.val_set = load_eval_set(self.fd, "val", cfg.data.val_users)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _check_compatible_run(self) -> None:
+        ptr = self.run_dir / artifacts.DATA_INFO_FILE
+        if ptr.exists():
+            old = json.loads(ptr.read_text())
+            if old.get("tokenizer") != self.fd.manifest.get("tokenizer"):
+                raise PflmError(
+                    f"{self.run_dir} was trained with a different tokenizer than {self.cfg.data.dir}; "
+                    "use a new name=... or the original data.dir"
+                )
+
+    # -------------------------------------------------------------------------------------------------------
+    def _resume(self) -> int:
+        ck = load_checkpoint(self.run_dir)
+        if ck is None:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            return 0
+        tensors, meta = ck
+        self.server.load_state(tensors, meta)
+        done = self.server.rounds_done
+        if self.metrics_path.exists():  # drop metrics of rounds after the checkpoint (they will be redone)
+            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["round"] < done]
+            atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+        return done
+
+    def _checkpoint(self, extra: dict | None = None) -> None:
+        meta = self.server.state_json()
+        meta.update(extra or {})
+        save_checkpoint(self.run_dir, self.server.rounds_done, self.server.state_tensors(), meta)
+
+    def run_round(self, r: int) -> dict:
+        t0 = time.perf_counter()
+        server, trainer, agg = self.server, self.trainer, self.aggregator
+        plan = server.plan_round(r)
+        trainer.load_round(r, plan.device_state, plan.rows)
+        agg.begin(plan.ctx)
+        nonfinite, losses, tokens = 0, 0.0, 0
+        for user in plan.cohort:
+            try:
+                res, vec, aux = run_device(trainer, server, plan, user, self.fd.user_tokens("train", user))
+            except NonFiniteUpdate:
+                nonfinite += 1
+                agg.drop(user)
+                continue
+            agg.add(user, vec, res.weight, aux)
+            losses += res.train_loss * res.num_tokens
+            tokens += res.num_tokens
+        m = {"round": r, "cohort": len(plan.cohort), "nonfinite_dropped": nonfinite}
+        try:
+            result = agg.finalize()
+        except AggregationFailed as e:
+            m.update({"failed": str(e), "seconds": time.perf_counter() - t0})
+            return m
+        m.update(result.metrics)
+        if "clipped" in result.aux and result.num_contributors:
+            m["fraction_clipped"] = result.aux["clipped"] / result.num_contributors
+        m.update(server.finish_round(plan, result))
+        m["train_loss"] = losses / max(tokens, 1)
+        m["seconds"] = time.perf_counter() - t0
+        return m
+
+    def run(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        artifacts.write_run_metadata(self.run_dir, cfg, self.fd.tokenizer.path, self.fd.manifest)
+        start = self._resume()
+        stop_reason = None
+        rounds = cfg.server.rounds
+        bar = tqdm(total=rounds, initial=start, desc=cfg.name, disable=not progress, unit="round")
+        last_val = None
+        with open(self.metrics_path, "a", encoding="utf-8") as mf:
+            for r in range(start, rounds):
+                reason = self.server.privacy.stop_reason(r)
+                if reason:
+                    stop_reason = reason
+                    break
+                m = self.run_round(r)
+                if (r + 1) % cfg.server.eval_every == 0 or r + 1 == rounds:
+                    last_val = evaluate(self.server.model, self.val_set)
+                    m["val_perplexity"] = last_val["perplexity"]
+                    m["val_word_perplexity"] = last_val["word_perplexity"]
+                mf.write(json.dumps(m) + "\n")
+                mf.flush()
+                bar.update(1)
+                bar.set_postfix({k: round(v, 3) for k, v in m.items() if k in ("train_loss", "val_perplexity", "epsilon")})
+                if (r + 1) % cfg.server.checkpoint_every == 0 or r + 1 == rounds:
+                    self._checkpoint()
+        bar.close()
+        if stop_reason:
+            tqdm.write(f"[pflm] {stop_reason}")
+            self._checkpoint({"stop_reason": stop_reason})
+        return self.finish(time.perf_counter() - t_start, stop_reason)
+
+    def finish(self, wall: float, stop_reason: str | None) -> dict:
+        cfg, model = self.cfg, self.server.model
+        artifacts.export_model(self.run_dir, model)
+        val = evaluate(model, self.val_set)
+        test_set = load_eval_set(self.fd, "test", cfg.data.test_users)
+        test = evaluate(model, test_set)
+        n_train_sent = int(self.fd.manifest["splits"]["train"]["sentences"])
+        uni = unigram_baseline(self.fd.token_counts(), test_set, n_train_sent)
+        priv = self.server.privacy.summary()
+        summary = {
+            "name": cfg.name,
+            "val_perplexity": val["perplexity"],
+            "val_word_perplexity": val["word_perplexity"],
+            "test_perplexity": test["perplexity"],
+            "test_word_perplexity": test["word_perplexity"],
+            "unigram_test_perplexity": uni["perplexity"],
+            "unigram_test_word_perplexity": uni["word_perplexity"],
+            "test_tokens": test["tokens"],
+            "test_sentences": test["sentences"],
+            "rounds": self.server.rounds_done,
+            "rounds_planned": cfg.server.rounds,
+            "cohort_size": cfg.server.cohort_size,
+            "population": self.population,
+            "clip_bound": cfg.privacy.clip_bound,
+            "params": sum(p.numel() for p in model.parameters()),
+            "release_dim": self.server.release_dim(),
+            "wall_seconds": wall,
+            "stop_reason": stop_reason,
+            "recipe": recipe_to_dict(cfg),
+            **priv,
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary

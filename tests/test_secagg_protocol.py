@@ -1,0 +1,239 @@
+"""End-to-end tests of the secure-aggregation protocol: exact sums, dropouts, safe failure, bad input, simulate ≡ full."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pflm.aggregator.base import RoundContext
+from pflm.aggregator.plain import PlainSumAggregator
+from pflm.aggregator.secagg import SecAggConfig, SecureAggregator
+from pflm.aggregator.secagg.client import SecAggClient
+from pflm.aggregator.secagg.fixed_point import rounding_key
+from pflm.aggregator.secagg.protocol import SecAggServer
+from pflm.errors import AggregationFailed
+
+DIM = 1000
+
+
+def updates(n: int, seed: int = 0, dim: int = DIM, clip: float = 1.0) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for u in range(n):
+        x = torch.randn(dim, generator=g)
+        out[10 + 7 * u] = (x * clip / x.norm() * torch.rand(1, generator=g)).float()
+    return out
+
+
+def run(cfg: SecAggConfig, ups: dict[int, torch.Tensor], drop: tuple[int, ...] = (), seed: int = 5, rnd: int = 3):
+    ctx = RoundContext(round=rnd, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=seed)
+    agg = SecureAggregator(cfg)
+    agg.begin(ctx)
+    for u, x in ups.items():
+        if u in drop:
+            agg.drop(u)
+        else:
+            agg.add(u, x, 1.0, {"clipped": float(u % 2)})
+    return agg, ctx
+
+
+def quantised_sum(agg: SecureAggregator, ctx: RoundContext, ups: dict[int, torch.Tensor]) -> np.ndarray:
+    """Σ over contributors of their encoded integers, computed independently (Python ints, then mod 2^b)."""
+    assert agg.codec is not None
+    total = np.zeros(agg.codec.length, dtype=object)
+    for u in agg.contributors:
+        rng = rounding_key(ctx.seed, ctx.round, u)
+        total += agg.codec.encode(ups[u].double().numpy(), 1.0, {"clipped": float(u % 2)}, rng).ints.astype(object)
+    return np.array([int(v) % (1 << agg.config.bits) for v in total], dtype=np.uint64)
+
+
+@pytest.mark.parametrize("neighbours", ["full", 4, "log"])
+def test_revealed_sum_is_exact(neighbours) -> None:
+    ups = updates(12)
+    agg, ctx = run(SecAggConfig(neighbours=neighbours), ups)
+    res = agg.finalize()
+    assert agg.last_sum is not None
+    assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
+    plain = PlainSumAggregator()
+    plain.begin(ctx)
+    for u, x in ups.items():
+        plain.add(u, x, 1.0, {"clipped": float(u % 2)})
+    ref = plain.finalize()
+    err = (res.total.double() - ref.total.double()).abs().max().item()
+    assert err <= res.metrics["secagg_quant_error_bound"] + 1e-6  # + float32 rounding of the output
+    assert res.weight_sum == pytest.approx(12.0) and res.aux["clipped"] == pytest.approx(ref.aux["clipped"])
+    assert res.num_contributors == 12 and res.metrics["secagg_wraps"] == 0
+    assert res.metrics["secagg_bytes_per_device_mean"] > DIM * 4
+
+
+def test_dropouts_below_threshold_recover_exact_survivor_sum() -> None:
+    ups = updates(12)
+    dropped = tuple(sorted(ups)[1:4])
+    agg, ctx = run(SecAggConfig(threshold=0.6), ups, drop=dropped)  # degree 11, t = 7, 9 survivors
+    res = agg.finalize()
+    assert agg.contributors == [u for u in sorted(ups) if u not in dropped]
+    assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
+    assert res.metrics["secagg_dropped_after_sharing"] == 3 and res.num_contributors == 9
+    want = sum(ups[u].double() for u in agg.contributors)
+    assert (res.total.double() - want).abs().max().item() <= res.metrics["secagg_quant_error_bound"] + 1e-6
+
+
+def test_simulated_dropouts_at_every_stage_sparse_graph() -> None:
+    ups = updates(20)
+    cfg = SecAggConfig(neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05)
+    counts = []
+    for seed in (1, 2, 3, 4):  # seed 0 drops 10 of 20 devices and (correctly) fails: see the test below
+        agg, ctx = run(cfg, ups, seed=seed)
+        res = agg.finalize()
+        assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
+        assert res.num_contributors == len(agg.contributors)
+        counts.append(res.num_contributors)
+    assert min(counts) < 20  # the seeds above do drop devices
+
+
+def test_too_many_dropouts_fail_safely() -> None:
+    ups = updates(10)
+    agg, _ = run(SecAggConfig(threshold=0.6), ups, drop=tuple(sorted(ups)[:5]))  # t = 6, 5 survivors
+    with pytest.raises(AggregationFailed, match="fewer than the threshold 6"):
+        agg.finalize()
+    assert agg.last_sum is None
+    # no secret was revealed: the round stopped before any unmasking request
+    assert agg.server is not None and agg.server.requested == {}
+
+
+def test_too_few_unmask_answers_fail_safely() -> None:
+    agg, _ = run(SecAggConfig(neighbours=4, threshold=1.0, dropout_unmask=0.5), updates(12))
+    with pytest.raises(AggregationFailed, match="answered the unmasking request"):
+        agg.finalize()
+
+
+def test_failure_at_key_sharing_and_tiny_cohort() -> None:
+    agg, _ = run(SecAggConfig(dropout_advertise=0.8), updates(10))
+    with pytest.raises(AggregationFailed, match="completed key sharing"):
+        agg.finalize()
+    agg, _ = run(SecAggConfig(), updates(2))
+    with pytest.raises(AggregationFailed, match="at least 3 devices"):
+        agg.finalize()
+
+
+def test_wrong_length_and_bad_input() -> None:
+    ups = updates(8)
+    agg = SecureAggregator(SecAggConfig())
+    ctx = RoundContext(round=0, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=0)
+    agg.begin(ctx)
+    with pytest.raises(AggregationFailed, match="device 17 sent an update of length 999"):
+        agg.add(17, torch.zeros(DIM - 1), 1.0)
+    agg.add(10, ups[10], 1.0, {"clipped": 0.0})
+    with pytest.raises(AggregationFailed, match="two updates"):
+        agg.add(10, ups[10], 1.0)
+    with pytest.raises(AggregationFailed, match="not in the cohort"):
+        agg.add(999, ups[10], 1.0)
+    with pytest.raises(AggregationFailed, match="aux_keys"):
+        agg.add(24, ups[24], 1.0, {"surprise": 1.0})
+    bad = ups[31].clone()
+    bad[3] = float("nan")
+    agg.add(31, bad, 1.0)  # excluded like a dropout
+    for u in (17, 38, 45, 52, 59):
+        agg.add(u, ups[u], 1.0)
+    res = agg.finalize()
+    assert res.num_contributors == 6 and res.metrics["secagg_excluded_nonfinite"] == 1
+
+
+def _flip_one_ciphertext(victims: set[tuple[int, int]]):
+    original = SecAggServer.route_shares
+
+    def route(self, outboxes):
+        inboxes = original(self, outboxes)
+        for sender, receiver in victims:
+            ct = bytearray(inboxes[receiver][sender])
+            ct[20] ^= 1
+            inboxes[receiver][sender] = bytes(ct)
+        return inboxes
+
+    return route
+
+
+def test_tampered_share_is_excluded(monkeypatch) -> None:
+    ups = updates(8)
+    ids = sorted(ups)
+    monkeypatch.setattr(SecAggServer, "route_shares", _flip_one_ciphertext({(ids[0], ids[1])}))
+    agg, ctx = run(SecAggConfig(), ups)
+    res = agg.finalize()
+    assert res.metrics["secagg_bad_shares"] == 1
+    assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
+
+
+def test_too_many_tampered_shares_fail_clearly(monkeypatch) -> None:
+    ups = updates(8)
+    ids = sorted(ups)
+    monkeypatch.setattr(SecAggServer, "route_shares", _flip_one_ciphertext({(ids[0], v) for v in ids[1:5]}))
+    agg, _ = run(SecAggConfig(threshold=0.6), ups)  # degree 7, t = 5: only 3 good shares of device ids[0]
+    with pytest.raises(AggregationFailed, match=rf"self-mask seed of device {ids[0]}: 3 valid shares, threshold 5"):
+        agg.finalize()
+
+
+def test_inconsistent_share_is_detected(monkeypatch) -> None:
+    ups = updates(8)
+    victim = sorted(ups)[2]
+    original = SecAggClient.unmask
+
+    def lying_unmask(self, survivors, dropped):
+        resp = original(self, survivors, dropped)
+        if victim in resp.self_mask_shares:
+            resp.self_mask_shares[victim] += 1  # authenticated but wrong share
+        return resp
+
+    monkeypatch.setattr(SecAggClient, "unmask", lying_unmask)
+    agg, _ = run(SecAggConfig(), ups)
+    with pytest.raises(AggregationFailed, match=f"device {victim} does not match its commitment"):
+        agg.finalize()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(bits=20, neighbours="log"),
+        dict(bits=48, neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05),
+        dict(neighbours=7, threshold=0.5, dropout_advertise=0.05, dropout_masked_input=0.15),
+        dict(neighbours=3, threshold=1.0, dropout_masked_input=0.3),  # mostly fails: both modes must agree
+    ],
+)
+def test_simulate_mode_is_bit_exact(cfg: dict) -> None:
+    ups = updates(16, seed=1)
+    successes = 0
+    for seed in range(3):
+        sums, results = [], []
+        for mode in ("full", "simulate"):
+            agg, _ = run(SecAggConfig(mode=mode, **cfg), ups, drop=(sorted(ups)[3],), seed=seed)
+            try:
+                results.append(agg.finalize())
+                sums.append(agg.last_sum)
+            except AggregationFailed as e:
+                results.append(str(e))
+                sums.append(None)
+        if sums[0] is None:
+            assert results[0] == results[1]  # same safe failure in both modes
+            continue
+        assert sums[0].dtype == sums[1].dtype and np.array_equal(sums[0], sums[1])
+        assert torch.equal(results[0].total, results[1].total)
+        assert results[0].weight_sum == results[1].weight_sum and results[0].aux == results[1].aux
+        assert results[0].num_contributors == results[1].num_contributors
+        successes += 1
+    assert successes >= (0 if cfg.get("neighbours") == 3 else 2)
+
+
+def test_simulate_mode_large_sweep_matches_independent_sum() -> None:
+    ups = updates(20, seed=2)
+    failures = 0
+    for seed in range(20):
+        agg, ctx = run(SecAggConfig(mode="simulate", neighbours="log", dropout_masked_input=0.1), ups, seed=seed)
+        try:
+            agg.finalize()
+        except AggregationFailed as e:  # a sparse neighbourhood lost too many devices: a safe failure
+            assert "threshold" in str(e)
+            failures += 1
+            continue
+        assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
+    assert failures <= 10

@@ -1,0 +1,132 @@
+"""Unit tests of the secure-aggregation building blocks: config, fixed point, Shamir, neighbour graphs, masks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pflm.aggregator.secagg import SecAggConfig, shamir
+from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
+from pflm.aggregator.secagg.graph import effective_degree, harary_graph, prune_to_threshold
+from pflm.aggregator.secagg.masking import MaskStream
+from pflm.errors import AggregationFailed, ConfigError
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"bits": 8}, "bits"),
+        ({"threshold": 0.0}, "threshold"),
+        ({"neighbours": "some"}, "neighbours"),
+        ({"neighbours": 1}, "neighbours"),
+        ({"dropout_share": 1.0}, "dropout_share"),
+        ({"mode": "fast"}, "mode"),
+        ({"max_weight": -1.0}, "max_weight"),
+        ({"aux_keys": ["a", "a"]}, "aux_keys"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        SecAggConfig(**kwargs)
+
+
+def test_config_degree_and_threshold() -> None:
+    assert SecAggConfig(neighbours="8").neighbours == 8
+    cfg = SecAggConfig(neighbours="log", log_factor=2.0, threshold=0.5)
+    assert cfg.degree(400) == math.ceil(2 * math.log2(400))
+    assert cfg.degree(5) == 4  # capped at n − 1
+    assert SecAggConfig().degree(10) == 9
+    assert cfg.threshold_for(18) == 9 and cfg.threshold_for(2) == 2
+
+
+def _codec(n: int = 10, dim: int = 1000, bits: int = 32, bound: float = 1.0) -> FixedPointCodec:
+    return FixedPointCodec(bits, n, dim, bound, 1.0, ("clipped",), 1.0)
+
+
+def test_sum_of_n_extreme_devices_cannot_wrap() -> None:
+    for bits in (16, 32, 48):
+        codec = _codec(n=7, dim=4, bits=bits)
+        for sign in (1.0, -1.0):
+            encs = [codec.encode(sign * np.ones(4), sign, {"clipped": sign}, bytes(32)).ints for _ in range(7)]
+            total = encs[0].copy()
+            for e in encs[1:]:
+                total += e  # word arithmetic wraps mod 2^word; decode reduces mod 2^b
+            dec = codec.decode(total)
+            assert np.allclose(dec.update, 7 * sign) and dec.weight == pytest.approx(7 * sign)
+            assert dec.aux["clipped"] == pytest.approx(7 * sign) and dec.clamped == 0
+        # one more device at the bound would leave the signed range: the scale leaves no room for it
+        assert 8 * codec.level > (1 << (bits - 1)) - 1 >= 7 * codec.level
+
+
+def test_bits_too_small_for_cohort() -> None:
+    with pytest.raises(AggregationFailed, match="bits"):
+        FixedPointCodec(16, 1 << 16, 10, 1.0, 1.0, (), 1.0)
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded() -> None:
+    codec = FixedPointCodec(16, 1000, 20000, 1.0, 1.0, (), 1.0)  # coarse: L = 32
+    x = np.full(20000, 0.3 / codec.value_scale + 5 / codec.value_scale)  # 5.3 steps
+    a = codec.encode(x, 0.0, {}, rounding_key(1, 2, 3)).ints
+    b = codec.encode(x, 0.0, {}, rounding_key(1, 2, 3)).ints
+    c = codec.encode(x, 0.0, {}, rounding_key(1, 2, 4)).ints
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    vals = codec.to_signed(a)[:20000]
+    assert set(np.unique(vals)) == {5, 6}
+    assert abs(vals.mean() - 5.3) < 0.02  # std of the mean ≈ 0.0032
+
+
+def test_clamping_is_counted() -> None:
+    codec = _codec(n=4, dim=100, bound=0.5)
+    x = np.zeros(100)
+    x[:7] = 0.9  # 7 coordinates beyond the bound
+    enc = codec.encode(x, 3.0, {"clipped": 1.0}, bytes(32))  # weight 3 > max_weight 1
+    assert enc.clamped == 8
+    dec = codec.decode(enc.ints)
+    assert dec.clamped == 8 and np.allclose(dec.update[:7], 0.5) and dec.weight == pytest.approx(1.0)
+
+
+def test_shamir_threshold() -> None:
+    secret = int.from_bytes(b"\xff" * 32, "big")
+    xs = list(range(1, 11))
+    shares = shamir.split(secret, xs, 6)
+    assert shamir.reconstruct(shares, 6) == secret
+    assert shamir.reconstruct({x: shares[x] for x in (2, 4, 5, 7, 9, 10)}, 6) == secret
+    assert shamir.reconstruct({x: shares[x] for x in (1, 2, 3, 4, 5)}, 5) != secret  # t−1 shares say nothing
+    with pytest.raises(ValueError):
+        shamir.reconstruct({x: shares[x] for x in (1, 2, 3)}, 6)
+    assert shamir.from_bytes(shamir.to_bytes(shares[3])) == shares[3]
+
+
+@pytest.mark.parametrize("n, k", [(20, 4), (20, 5), (19, 5), (17, 8), (10, 9), (10, 30), (400, 18)])
+def test_graph_is_symmetric_and_regular(n: int, k: int) -> None:
+    ids = list(range(100, 100 + 3 * n, 3))
+    g = harary_graph(ids, k, b"seed")
+    d = effective_degree(n, k)
+    assert set(g) == set(ids)
+    for u, vs in g.items():
+        assert u not in vs and len(vs) == d
+        assert all(u in g[v] for v in vs)
+    assert g == harary_graph(ids, k, b"seed")
+    if k < n - 1:
+        assert g != harary_graph(ids, k, b"other")
+
+
+def test_prune_removes_unrecoverable_devices() -> None:
+    g = harary_graph(list(range(12)), 4, b"s")
+    alive = set(range(12)) - set(sorted(g[0])[:3])  # device 0 keeps 1 live neighbour
+    kept = prune_to_threshold(g, alive, 2)
+    assert 0 not in kept
+    assert all(len(g[u] & kept) >= 2 for u in kept)
+
+
+def test_mask_stream_is_uniform_and_key_dependent() -> None:
+    s = MaskStream(50_000, 32)
+    a = s.expand(b"k" * 32).copy()
+    b = s.expand(b"j" * 32).copy()
+    assert not np.array_equal(a, b) and np.array_equal(a, s.expand(b"k" * 32))
+    counts = np.bincount((a >> 26).astype(np.int64), minlength=64)
+    from scipy.stats import chisquare
+
+    assert chisquare(counts).pvalue > 1e-6
