@@ -102,7 +102,7 @@ class PrivacyConfig:
     """User-level DP at the aggregator: clip each device update to C, Gaussian noise σ·C on the sum."""
 
     clip_bound: float = 1.0
-    noise_multiplier: float | None = 0.0  # σ; None when target_epsilon is given
+    noise_multiplier: float | None = 0.0  # σ (0 = no noise); calibrated instead when target_epsilon is given
     target_epsilon: float | None = None  # calibrate σ at start-up and stop before exceeding it
     delta: float = 1e-6
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -120,6 +120,10 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, "privacy.delta must be in (0, 1), e.g. 1e-6 or 1/population")
         if self.target_epsilon is not None:
             _check(self.target_epsilon > 0, "privacy.target_epsilon must be > 0")
+            _check(
+                not self.noise_multiplier,
+                "give privacy.target_epsilon or a non-zero privacy.noise_multiplier, not both (σ is calibrated from ε)",
+            )
         _check(
             self.noise_multiplier is not None or self.target_epsilon is not None,
             "set privacy.noise_multiplier or privacy.target_epsilon",

@@ -14,7 +14,6 @@ import json
 import platform
 import time
 
-import numpy as np
 import torch
 
 from pflm.aggregator.base import Aggregator, RoundContext
@@ -47,7 +46,8 @@ def run_round(agg: Aggregator, ctx: RoundContext, ups: list[torch.Tensor]) -> tu
 
 def summarise(n: int, timing: dict, total: float, plain_s: float) -> dict:
     m = timing["metrics"]
-    device_total = sum(m.get(f"secagg_seconds_{k}", 0.0) for k in ("advertise", "share", "encode", "mask", "unmask_clients"))
+    stages = ("advertise", "share", "encode", "mask", "unmask_clients")
+    device_total = sum(m.get(f"secagg_seconds_{k}", 0.0) for k in stages)
     server_s = total - device_total
     return {
         "wall_s": round(total, 4),
@@ -104,5 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="raise")
     main()

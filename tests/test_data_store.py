@@ -74,6 +74,8 @@ def test_single_user_reads_only_that_user(prepared: Path) -> None:
         mask = np.array(full.column("user").to_pylist()) == users[i]
         assert by_index == full.filter(pa.array(mask)).column("tokens").to_pylist()
         assert fd.user_tokens("train", users[i]) == by_index
+        flat, offsets = fd.user_token_arrays("train", i)
+        assert flat.dtype == np.int32 and [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == by_index
         assert fd.user_texts("train", users[i]) == full.filter(pa.array(mask)).column("text").to_pylist()
     scanned = list(fd.iter_users("train"))
     assert [u for u, _ in scanned] == users
@@ -175,3 +177,24 @@ def test_digits_setting_travels_with_store(tmp_path: Path) -> None:
     assert fd.user_texts("train", 0)[0] == "meet me at one pm ok"
     assert fd.manifest["source"]["input"] == str(src)
     assert fd.num_users("train") == 6 and fd.num_users("val") == 2 and fd.num_users("test") == 2
+
+
+def test_text_file_dirichlet_users_and_public_tokenizer_input(tmp_path: Path) -> None:
+    rows = synthetic.generate(40, (10, 20), seed=2)
+    src = tmp_path / "lines.txt"
+    src.write_text("\n".join(rows["text"]) + "\n")
+    public = tmp_path / "public.txt"
+    public.write_text("Call mom.\nPlay some jazz\nwhat's the weather in Paris?\n" * 3)
+    out = prepare(PrepareConfig(
+        out=str(tmp_path / "o"), input=str(src),
+        partition=PartitionConfig(scheme="dirichlet", num_users=25, alpha=1.0, seed=4),
+        tokenizer=TokenizerConfig(model_type="word", vocab_size=14, tokenizer_input=str(public))))
+    fd = FederatedData.open(out)
+    assert fd.manifest["tokenizer"]["trained_on"] == f"file:{public}"
+    assert fd.manifest["partition"]["scheme"] == "dirichlet"
+    assert sum(fd.num_users(s) for s in ("train", "val", "test")) <= 25
+    assert fd.users("train")[0].startswith("user")
+    # vocabulary comes from the public file only: 10 distinct words + 4 specials
+    assert fd.tokenizer.encode(["call mom play some jazz"]) == [[fd.tokenizer.word_to_id(w) for w in
+                                                                 "call mom play some jazz".split()]]
+    assert fd.tokenizer.word_to_id("alarm") == fd.tokenizer.unk_id

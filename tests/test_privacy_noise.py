@@ -21,7 +21,7 @@ def _gen(seed: int = 7) -> SecureGaussian:
 
 
 def test_standard_normal_distribution():
-    z = _gen().standard_normal_numpy(0, N)
+    z = _gen().standard_normal(0, N).numpy()
     assert abs(z.mean()) < 5 / math.sqrt(N)
     assert z.std() == pytest.approx(1.0, rel=5 * math.sqrt(0.5 / N))
     assert stats.kstest(z, "norm").pvalue > 1e-4
@@ -49,11 +49,11 @@ def test_same_key_round_purpose_is_identical_and_history_free():
 
 def test_rounds_purposes_and_keys_give_independent_draws():
     g = _gen()
-    base = g.standard_normal_numpy(0, N)
+    base = g.standard_normal(0, N).numpy()
     others = [
-        g.standard_normal_numpy(1, N),
-        g.standard_normal_numpy(0, N, purpose="clip-count"),
-        _gen(8).standard_normal_numpy(0, N),
+        g.standard_normal(1, N).numpy(),
+        g.standard_normal(0, N, purpose="clip-count").numpy(),
+        _gen(8).standard_normal(0, N).numpy(),
     ]
     for o in others:
         assert not np.array_equal(base, o)

@@ -1,4 +1,4 @@
-"""End-to-end tests of the secure-aggregation protocol: exact sums, dropouts, safe failure, bad input, simulate ≡ full."""
+"""End-to-end secure-aggregation tests: exact sums, dropouts, safe failure, bad input, simulate ≡ full."""
 
 from __future__ import annotations
 

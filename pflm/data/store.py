@@ -168,6 +168,13 @@ class SplitStore:
     def user_texts(self, user: int | str) -> list[str]:
         return self.user_rows(user).column("text").to_pylist()
 
+    def user_token_arrays(self, user: int | str) -> tuple[np.ndarray, np.ndarray]:
+        """(flat int32 token ids, int64 offsets [rows+1]) of one user, without building Python lists."""
+        col = self.user_rows(user).column("tokens").combine_chunks()
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        flat = col.values.to_numpy()[offsets[0]:offsets[-1]]
+        return flat, offsets - offsets[0]
+
 
 class FederatedData:
     """A prepared federated dataset (see module docstring); open with `FederatedData.open(path)`."""
@@ -222,6 +229,10 @@ class FederatedData:
 
     def user_texts(self, split: str, user: int | str) -> list[str]:
         return self.split(split).user_texts(user)
+
+    def user_token_arrays(self, split: str, user: int | str) -> tuple[np.ndarray, np.ndarray]:
+        """Fast path: (flat int32 ids, int64 offsets [sentences+1]); sentence k is flat[offsets[k]:offsets[k+1]]."""
+        return self.split(split).user_token_arrays(user)
 
     def iter_users(self, split: str) -> Iterator[tuple[str, list[list[int]]]]:
         store = self.split(split)

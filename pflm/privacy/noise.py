@@ -30,6 +30,7 @@ KEY_BYTES = 32
 _PAIRS_PER_CHUNK = 1 << 20  # 16 MiB of keystream per chunk bounds peak memory for huge release vectors
 _TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / (1 << 53)
+_MASK_53 = (1 << 53) - 1
 
 
 def _hkdf(material: bytes, info: bytes, salt: bytes = b"pflm-privacy-noise-v1") -> bytes:
@@ -67,32 +68,28 @@ class SecureGaussian:
         nonce = bytes(8) + round.to_bytes(8, "little")
         return Cipher(algorithms.ChaCha20(self._subkeys[purpose], nonce), mode=None).encryptor()
 
-    def standard_normal_numpy(self, round: int, n: int, purpose: str = "update") -> np.ndarray:  # noqa: A002
+    def standard_normal(self, round: int, n: int, purpose: str = "update") -> torch.Tensor:  # noqa: A002
         """`n` i.i.d. N(0, 1) float64 values for stream (round, purpose)."""
         n = int(n)
-        out = np.empty(n, dtype=np.float64)
-        if n == 0:
-            return out
-        enc = self._encryptor(round, purpose)
         pairs = (n + 1) // 2
+        z = torch.empty((pairs, 2), dtype=torch.float64)
+        if n == 0:
+            return z.reshape(-1)
+        enc = self._encryptor(round, purpose)
         done = 0
         while done < pairs:
             k = min(_PAIRS_PER_CHUNK, pairs - done)
-            words = np.frombuffer(enc.update(bytes(16 * k)), dtype="<u8").reshape(k, 2)
-            # 53-bit uniforms: u1 in (0, 1] (so log never sees 0), u2 in [0, 1).
-            u1 = ((words[:, 0] >> np.uint64(11)).astype(np.float64) + 1.0) * _INV_2_53
-            u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * _INV_2_53
-            r = np.sqrt(-2.0 * np.log(u1))
-            theta = _TWO_PI * u2
-            z = np.empty((k, 2), dtype=np.float64)
-            np.multiply(r, np.cos(theta), out=z[:, 0])
-            np.multiply(r, np.sin(theta), out=z[:, 1])
-            flat = z.reshape(-1)
-            start = 2 * done
-            end = min(n, start + 2 * k)
-            out[start:end] = flat[: end - start]
+            # The keystream is read as little-endian 64-bit words on every platform.
+            raw = np.frombuffer(bytearray(enc.update(bytes(16 * k))), dtype="<i8").astype(np.int64, copy=False)
+            words = torch.from_numpy(raw).view(k, 2)
+            # Top 53 bits of each word (mask undoes the sign extension of >>): u1 in (0, 1], u2 in [0, 1).
+            u1 = ((words[:, 0] >> 11) & _MASK_53).to(torch.float64).add_(1.0).mul_(_INV_2_53)
+            theta = ((words[:, 1] >> 11) & _MASK_53).to(torch.float64).mul_(_TWO_PI * _INV_2_53)
+            r = u1.log_().mul_(-2.0).sqrt_()
+            torch.mul(r, torch.cos(theta), out=z[done : done + k, 0])
+            torch.mul(r, theta.sin_(), out=z[done : done + k, 1])
             done += k
-        return out
+        return z.reshape(-1)[:n]
 
     def normal(
         self,
@@ -109,10 +106,10 @@ class SecureGaussian:
         if not std >= 0 or math.isinf(std):
             raise ConfigError(f"noise std {std} is invalid: use a finite value ≥ 0")
         size = torch.Size([shape]) if isinstance(shape, int) else torch.Size(shape)
-        z = self.standard_normal_numpy(round, size.numel(), purpose)
+        z = self.standard_normal(round, size.numel(), purpose)
         if std != 1.0:
-            z *= float(std)
-        return torch.from_numpy(z).reshape(size).to(dtype)
+            z.mul_(float(std))
+        return z.reshape(size).to(dtype)
 
 
 class GaussianNoisePostprocessor(Postprocessor):

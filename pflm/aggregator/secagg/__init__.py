@@ -1,4 +1,4 @@
-"""Secure aggregation (Bonawitz et al. CCS 2017; SecAgg+ sparse graphs, Bell et al. CCS 2020): the server learns only sums.
+"""Secure aggregation (Bonawitz et al. CCS 2017; SecAgg+, Bell et al. CCS 2020): the server learns only sums.
 
 Protocol (per round, cohort of n devices, neighbour graph of degree k, threshold t = ⌈threshold·k⌉ ≥ 2):
 

@@ -63,6 +63,9 @@ class SecureAggregator(Aggregator):
         self.last_sum: np.ndarray | None = None  # revealed Σ of encoded inputs mod 2^b (tests, audits)
         self.transcript: dict[str, Any] = {}
         self.server: SecAggServer | None = None
+        self.clients: dict[int, SecAggClient] = {}  # simulated devices (full mode)
+        self._contributed: set[int] = set()
+        self._dropped: set[int] = set()
 
     @property
     def contributors(self) -> list[int]:
@@ -88,6 +91,9 @@ class SecureAggregator(Aggregator):
         if len(cohort) != len(ctx.cohort):
             raise AggregationFailed(f"round {ctx.round}: the cohort lists a device twice")
         self.cohort = cohort
+        self._cohort_set = set(cohort)
+        self.clients = {}
+        self.server = None
         n = len(cohort)
         self.plan = dropout_plan(cfg, ctx, cohort)
         if n < 3:
@@ -158,7 +164,7 @@ class SecureAggregator(Aggregator):
         ctx, u, aux = self.ctx, int(device_id), dict(aux or {})
         if update.numel() != ctx.dim:
             raise AggregationFailed(f"device {u} sent an update of length {update.numel()}, expected {ctx.dim}")
-        if u not in self.ctx.cohort:
+        if u not in self._cohort_set:
             raise AggregationFailed(f"device {u} is not in the cohort of round {ctx.round}")
         if u in self._seen:
             raise AggregationFailed(f"device {u} sent two updates in round {ctx.round}")
@@ -175,7 +181,8 @@ class SecureAggregator(Aggregator):
             self._dropped.add(u)
             return
         x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encode widens it
-        if not (math.isfinite(float(x.sum(dtype=np.float64))) and math.isfinite(weight) and all(math.isfinite(v) for v in aux.values())):
+        finite = math.isfinite(float(x.sum(dtype=np.float64)))  # float64 sum of float32 cannot overflow
+        if not (finite and math.isfinite(weight) and all(math.isfinite(v) for v in aux.values())):
             self._excluded["nonfinite"] += 1
             self._dropped.add(u)
             return
@@ -239,6 +246,7 @@ class SecureAggregator(Aggregator):
             assert self._acc is not None
             total = self.session.reduce(self._acc.copy())
         self.last_sum = total
+        self.clients = {}  # the round is over: drop the simulated devices' secrets
         dec = self.codec.decode(total)
         return AggregateResult(
             torch.from_numpy(dec.update.astype(np.float32)), dec.weight, len(u3), dec.aux,
@@ -279,9 +287,9 @@ class SecureAggregator(Aggregator):
             sent = [c.bytes_sent for c in self.clients.values() if c.device_id in self._contributed]
             m["secagg_bytes_per_device_mean"] = float(np.mean(sent))
             m["secagg_bytes_per_device_max"] = float(np.max(sent))
-            self.clients = {}
         else:
-            m["secagg_bytes_per_device_mean"] = float(upload_bytes_estimate(self.degree, self.codec.length, self.config.bits))
+            estimate = upload_bytes_estimate(self.degree, self.codec.length, self.config.bits)
+            m["secagg_bytes_per_device_mean"] = float(estimate)  # what the full protocol would send
         if self._float_sum is not None:
             m["secagg_quant_error_max"] = float(np.max(np.abs(decoded - self._float_sum)))
         return m

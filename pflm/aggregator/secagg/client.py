@@ -86,7 +86,10 @@ class SecAggClient:
 
     def advertise(self) -> Advertisement:
         ad = Advertisement(
-            self.device_id, _public(self._c_sk), _public(self._s_sk), commitment(self._b_seed, self.session, self.device_id)
+            self.device_id,
+            _public(self._c_sk),
+            _public(self._s_sk),
+            commitment(self._b_seed, self.session, self.device_id),
         )
         self.bytes_sent += ad.nbytes
         return ad
@@ -124,7 +127,9 @@ class SecAggClient:
             raise ProtocolViolation(f"device {self.device_id}: shares from non-neighbours {sorted(unknown)}")
         self._inbox = dict(inbox)
 
-    def masked_input(self, encoded: np.ndarray, mask_with: Sequence[int], stream: MaskStream | None = None) -> np.ndarray:
+    def masked_input(
+        self, encoded: np.ndarray, mask_with: Sequence[int], stream: MaskStream | None = None
+    ) -> np.ndarray:
         """Round 2 (MaskedInputCollection): y = x + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^b."""
         s = self.session
         if encoded.ndim != 1 or encoded.dtype != s.dtype:
@@ -134,13 +139,16 @@ class SecAggClient:
             )
         strangers = [v for v in mask_with if v not in self._inbox or v == self.device_id]
         if strangers:
-            raise ProtocolViolation(f"device {self.device_id}: asked to mask with {strangers}, who shared no keys with it")
+            raise ProtocolViolation(
+                f"device {self.device_id}: asked to mask with {strangers}, who shared no keys with it"
+            )
         if stream is None or stream.length != encoded.size:
             stream = MaskStream(encoded.size, s.bits)
         y = encoded.copy()
         stream.add_into(y, self_mask_key(self._b_seed, s, self.device_id), +1)
         for v in mask_with:
-            stream.add_into(y, pairwise_key(self._s_sk, self._peers[v].s_pk, s, self.device_id, v), pair_sign(self.device_id, v))
+            key = pairwise_key(self._s_sk, self._peers[v].s_pk, s, self.device_id, v)
+            stream.add_into(y, key, pair_sign(self.device_id, v))
         s.reduce(y)
         self.bytes_sent += (encoded.size * s.bits + 7) // 8
         return y

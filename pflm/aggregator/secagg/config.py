@@ -61,7 +61,9 @@ class SecAggConfig:
             "secagg.aux_keys must be a list of non-empty names, e.g. [clipped]",
         )
         _check(len(set(self.aux_keys)) == len(self.aux_keys), "secagg.aux_keys has duplicate names")
-        _check(self.rounding in ("seeded", "urandom"), f"secagg.rounding {self.rounding!r} is not 'seeded' or 'urandom'")
+        _check(
+            self.rounding in ("seeded", "urandom"), f"secagg.rounding {self.rounding!r} is not 'seeded' or 'urandom'"
+        )
         for name in _DROPOUT_FIELDS:
             p = getattr(self, name)
             _check(0 <= p < 1, f"secagg.{name}={p} must be a probability in [0, 1)")

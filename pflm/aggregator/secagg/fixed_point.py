@@ -1,22 +1,24 @@
 """Fixed-point encoding into Z_{2^b} with stochastic rounding; scales chosen so a cohort's sum cannot wrap.
 
 One encoded vector = [update (dim) | weight | aux scalars | clamp counter]. Each device's integers lie in
-[−L, L] with L = ⌊(2^(b−1) − 1) / n⌋ for a cohort of n, so any sum of ≤ n devices stays inside the signed
-range of Z_{2^b} and decodes exactly. Values beyond their bound are clamped and counted; the counter is itself
-summed securely (the server learns only the cohort's total). Both protocol modes call `encode`.
+[−L, L] with L = min(⌊(2^(b−1) − 1) / n⌋, 2^42) for a cohort of n, so any sum of ≤ n devices stays inside
+the signed range of Z_{2^b} and decodes exactly. Values beyond their bound are clamped and counted; the
+counter is itself summed securely (the server learns only the cohort's total). Both protocol modes call `encode`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from pflm.aggregator.secagg.masking import word_dtype
 from pflm.errors import AggregationFailed
+
+MAX_LEVEL = 1 << 42
 
 
 def rounding_key(run_seed: int | None, round_: int, device_id: int) -> bytes:
@@ -26,10 +28,22 @@ def rounding_key(run_seed: int | None, round_: int, device_id: int) -> bytes:
     return hashlib.sha256(f"pflm-secagg-round|{run_seed}|{round_}|{device_id}".encode()).digest()
 
 
-def _uniform_words(key: bytes, n: int) -> np.ndarray:
-    """n uniform uint32 from a ChaCha20 keystream (a CSPRNG; ~1 ms per million on one core)."""
-    enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * n)), dtype=np.uint32)
+class _Scratch:
+    """Reused per-codec buffers: fresh 8 MB arrays per device cost more in page faults than the arithmetic."""
+
+    def __init__(self, n: int) -> None:
+        self.x = np.empty(n, dtype=np.float64)
+        self.u = np.empty(n, dtype=np.float64)
+        self.i64 = np.empty(n, dtype=np.int64)
+        self.zeros = bytes(4 * n)
+        self.stream = bytearray(4 * n + 64)
+
+    def uniform(self, key: bytes) -> np.ndarray:
+        """U[0, 1) with 2^-32 resolution from a ChaCha20 keystream (a CSPRNG; ~1 ms per million)."""
+        enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        enc.update_into(self.zeros, self.stream)
+        words = np.frombuffer(self.stream, dtype=np.uint32, count=self.x.size)
+        return np.multiply(words, 2.0**-32, out=self.u, dtype=np.float64)
 
 
 @dataclass
@@ -55,6 +69,7 @@ class FixedPointCodec:
     weight_bound: float
     aux_keys: tuple[str, ...]
     aux_bound: float
+    _scratch: list[_Scratch] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.level < 1:
@@ -64,8 +79,12 @@ class FixedPointCodec:
 
     @property
     def level(self) -> int:
-        """L: the largest integer one device may contribute per coordinate."""
-        return ((1 << (self.bits - 1)) - 1) // max(self.cohort_size, 1)
+        """L: the largest integer one device may contribute per coordinate.
+
+        Capped at 2^42 so float64 arithmetic in `encode` stays exact with 10 bits to spare for the rounding
+        draw (finer steps than 2^-42·C are far below float32 precision anyway; extra bits become headroom).
+        """
+        return min(((1 << (self.bits - 1)) - 1) // max(self.cohort_size, 1), MAX_LEVEL)
 
     @property
     def length(self) -> int:
@@ -93,21 +112,25 @@ class FixedPointCodec:
         `key` seeds the rounding stream (see `rounding_key`); equal inputs and keys give equal integers.
         """
         L, d = self.level, self.dim
-        x = np.empty(self.length, dtype=np.float64)
+        if not self._scratch:
+            self._scratch.append(_Scratch(self.length))
+        sc = self._scratch[0]
+        x = sc.x
         np.multiply(update, self.value_scale, out=x[:d], dtype=np.float64)  # not float32 (NEP 50)
         x[d] = weight * (L / self.weight_bound)
         x[d + 1 : -1] = [float(aux.get(k, 0.0)) * (L / self.aux_bound) for k in self.aux_keys]
         x[-1] = 0.0
-        low = np.floor(x)
-        np.subtract(x, low, out=x)  # fractional part in [0, 1)
-        np.multiply(x, 2.0**32, out=x)
-        low += _uniform_words(key, self.length) < x  # round up with probability = fractional part
-        clamped = int(np.count_nonzero(low > L)) + int(np.count_nonzero(low < -L))
+        # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[result] = x. Float64 keeps
+        # u to 2^-(52 - log2 L) resolution (2^-21 for b = 32, 2^-10 at the cap), bounding the bias in steps.
+        np.add(x, sc.uniform(key), out=x)
+        np.floor(x, out=x)
+        clamped = int(np.count_nonzero(x > L)) + int(np.count_nonzero(x < -L))
         if clamped:
-            np.clip(low, -L, L, out=low)
-        low[-1] = min(clamped, L)
+            np.clip(x, -L, L, out=x)
+        x[-1] = min(clamped, L)
         # float64 → int64 → word: the unsigned cast wraps negatives mod 2^word, which 2^b divides
-        ints = low.astype(np.int64).astype(word_dtype(self.bits))
+        np.copyto(sc.i64, x, casting="unsafe")
+        ints = sc.i64.astype(word_dtype(self.bits))
         if self.bits not in (32, 64):
             np.bitwise_and(ints, ints.dtype.type((1 << self.bits) - 1), out=ints)
         return Encoded(ints, clamped)

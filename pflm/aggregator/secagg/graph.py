@@ -1,4 +1,4 @@
-"""Public neighbour graphs: complete (Bonawitz et al. 2017) or a random k-regular Harary graph (SecAgg+, Bell et al. 2020)."""
+"""Public neighbour graphs: complete (Bonawitz et al. 2017) or a random k-regular Harary graph (SecAgg+)."""
 
 from __future__ import annotations
 

@@ -49,9 +49,8 @@ class Session:
 
 
 def hkdf(ikm: bytes, label: bytes, session: Session, *ids: int) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=session.session_id, info=label + session.binding(*ids)).derive(
-        ikm
-    )
+    kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=session.session_id, info=label + session.binding(*ids))
+    return kdf.derive(ikm)
 
 
 def pairwise_key(own: X25519PrivateKey, peer_public: bytes, session: Session, u: int, v: int) -> bytes:

@@ -129,7 +129,9 @@ class SecAggServer:
         for u in sorted(self.u3):
             b = self._reconstruct(responses, u, "self")
             if b >= 1 << 256:
-                raise AggregationFailed(f"the reconstructed self-mask seed of device {u} is invalid (a share is corrupt)")
+                raise AggregationFailed(
+                    f"the reconstructed self-mask seed of device {u} is invalid (a share is corrupt)"
+                )
             seed = b.to_bytes(32, "big")
             if commitment(seed, s, u) != self.ads[u].b_commit:
                 raise AggregationFailed(

@@ -1,0 +1,319 @@
+"""On-device DP-SGD through Opacus: sample-level DP for each of a device's sentences, composed with PEU, LoRA, NCE.
+
+Two different guarantees exist in a run that enables this module; their metrics are named apart on purpose:
+
+* ``device_sample_epsilon`` (this module, per device and round): (ε, δ)-DP of *one device's local training* with
+  respect to adding/removing *one of its sentences* (sample-level DP), from Opacus' RDP/PRV accountant for that
+  device's Poisson rate q, noise multiplier σ, number of local steps and ``dpsgd.delta``. It says nothing about
+  the user as a whole and does not compose over rounds here (each round is a fresh local run).
+* ``epsilon`` (the simulator / server): *user-level* DP of the released model over all rounds, from the
+  clipping and noise at the aggregator (``privacy.*``).
+
+Mechanics. The device model is wrapped ONCE per `DeviceTrainer` (hooks stack up if a model is wrapped again,
+Opacus issue #608) in an Opacus grad-sample module (``hooks``/``functorch``/``ew``: `GradSampleModule` and
+`DPOptimizer`; ``ghost``: `GradSampleModuleFastGradientClipping` and `DPOptimizerFastGradientClipping`, i.e. ghost
+clipping without per-sample gradients). Per device: Poisson sampling of its sentences at rate q
+(``dpsgd.sample_rate`` or batch_size / #sentences), round(epochs / q) steps, per-sentence clipping to
+``max_grad_norm``, Gaussian noise σ·max_grad_norm on the sum, division by the expected batch size q·n. An empty
+Poisson batch still takes a (noise-only) step, as the accountant assumes.
+
+The output layer. The trainer's sampled-softmax / NCE losses gather output rows functionally (``weight[ids]``),
+which Opacus' module hooks cannot see: those parameters would get no per-sample gradient (hooks mode fails,
+ghost mode would clip with a stale or missing norm). Here every use of the output weight/bias goes through
+`DPOutputHead`, a module holding the same Parameters with its own Opacus grad sampler (dense [B, V, H], small
+under PEU where V = K rows) and ghost norm sampler (exact, over the union of candidate rows only). The loss math
+mirrors `pflm.model.losses` (same noise draws for the same generator state).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import nn
+from torch.nn import functional as F
+
+from pflm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pflm.device.trainer import DeviceTrainer
+
+
+class DPOutputHead(nn.Module):
+    """The LM output layer as one Opacus-visible module, sharing the model's output weight [V, H] and bias [V].
+
+    ``head(h)`` -> full logits [B, T, V]; ``head(h, cand)`` with candidate row ids cand [B, C] -> scores
+    [B, T, C] = h · weight[cand] + bias[cand] (each sentence scores its own candidate rows)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, h: torch.Tensor, cand: torch.Tensor | None = None) -> torch.Tensor:
+        if cand is None:
+            return F.linear(h, self.weight, self.bias)
+        s = torch.bmm(h, self.weight[cand].transpose(1, 2))
+        if self.bias is not None:
+            s = s + self.bias[cand].unsqueeze(1)
+        return s
+
+
+def _head_per_row(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the gathered candidates: weight part [B, C, H], bias part [B, C]."""
+    h = activations[0].to(backprops.dtype)
+    return torch.einsum("btc,bth->bch", backprops, h), backprops.sum(1)
+
+
+@register_grad_sampler(DPOutputHead)
+def _head_grad_sample(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
+                      ) -> dict[nn.Parameter, torch.Tensor]:
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if len(activations) == 1:  # full logits: exactly nn.Linear's per-sample gradient
+        h = activations[0].to(backprops.dtype)
+        if head.weight.requires_grad:
+            ret[head.weight] = torch.einsum("n...i,n...j->nij", backprops, h)
+        if head.bias is not None and head.bias.requires_grad:
+            ret[head.bias] = torch.einsum("n...k->nk", backprops)
+        return ret
+    cand = activations[1]
+    gw, gb = _head_per_row(head, activations, backprops)
+    b, v = cand.shape[0], head.weight.shape[0]
+    if head.weight.requires_grad:
+        idx = cand.unsqueeze(-1).expand(-1, -1, gw.shape[-1])
+        ret[head.weight] = gw.new_zeros(b, v, gw.shape[-1]).scatter_add_(1, idx, gw)
+    if head.bias is not None and head.bias.requires_grad:
+        ret[head.bias] = gb.new_zeros(b, v).scatter_add_(1, cand, gb)
+    return ret
+
+
+@register_norm_sampler(DPOutputHead)
+def _head_norm_sample(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
+                      ) -> dict[nn.Parameter, torch.Tensor]:
+    """Ghost clipping: per-sample gradient norms without the dense [B, V, H] tensor."""
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if len(activations) == 1:  # full logits: Gram-matrix trick, ||sum_t g_t h_t^T||^2 = <G G^T, H H^T>
+        h = activations[0].to(backprops.dtype)
+        ggt = torch.einsum("btk,bsk->bts", backprops, backprops)
+        if head.weight.requires_grad:
+            aat = torch.einsum("btk,bsk->bts", h, h)
+            ret[head.weight] = torch.einsum("bts,bts->b", ggt, aat).clamp(min=0).sqrt()
+        if head.bias is not None and head.bias.requires_grad:
+            ret[head.bias] = ggt.sum((1, 2)).clamp(min=0).sqrt()
+        return ret
+    cand = activations[1]
+    gw, gb = _head_per_row(head, activations, backprops)
+    # Candidate ids repeat (shared noise words, repeated targets): merge them per sample before the norm, over
+    # the union U of rows this batch touched ([B, |U|, H], |U| <= k + B*T), not all V rows.
+    uniq, inv = torch.unique(cand, return_inverse=True)
+    if head.weight.requires_grad:
+        dense = gw.new_zeros(cand.shape[0], uniq.numel(), gw.shape[-1])
+        dense.scatter_add_(1, inv.unsqueeze(-1).expand(-1, -1, gw.shape[-1]), gw)
+        ret[head.weight] = dense.flatten(1).norm(dim=1)
+    if head.bias is not None and head.bias.requires_grad:
+        ret[head.bias] = gb.new_zeros(cand.shape[0], uniq.numel()).scatter_add_(1, inv, gb).norm(dim=1)
+    return ret
+
+
+class _DPNet(nn.Module):
+    """What Opacus wraps: the device LM plus its output head; forward -> per-sentence losses [B]."""
+
+    def __init__(self, trainer: DeviceTrainer) -> None:
+        super().__init__()
+        self.lm = trainer.model
+        self.head = DPOutputHead(self.lm.output_weight(), self.lm.output_bias())
+        object.__setattr__(self, "_trainer", trainer)  # not a submodule
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        trainer: DeviceTrainer = self._trainer  # type: ignore[assignment]
+        h = self.lm.features(inputs)
+        kind = trainer.cfg.device.loss
+        if kind == "full":
+            out = self.lm.output if self.lm.output is not None else self.head
+            logits = out(h)
+            tok = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        else:
+            sampler = trainer.sampler
+            assert sampler is not None, "load_round() builds the noise sampler"
+            k = noise.numel()
+            cand = torch.cat([noise.unsqueeze(0).expand(inputs.shape[0], -1), targets], dim=1)
+            s = self.head(h, cand)  # [B, T, k + T]
+            s_n = s[..., :k] - (sampler.log_q(noise) + math.log(k))
+            s_t = torch.diagonal(s[..., k:], dim1=1, dim2=2)  # score of each position's own target
+            if kind == "sampled_softmax":  # == pflm.model.losses.sampled_softmax_loss
+                s_n = s_n.masked_fill(noise.view(1, 1, -1) == targets.unsqueeze(-1), float("-inf"))
+                tok = torch.logsumexp(torch.cat([s_t.unsqueeze(-1), s_n], dim=-1), dim=-1) - s_t
+            else:  # == pflm.model.losses.nce_loss with log_z = 0
+                d_t = s_t - (sampler.log_q(targets) + math.log(k))
+                tok = F.softplus(-d_t) + F.softplus(s_n).sum(-1)
+        tok = torch.where(mask, tok, torch.zeros_like(tok))
+        return tok.sum(1) / mask.sum(1).clamp(min=1).to(tok.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def sample_level_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float,
+                         accountant: str = "rdp") -> float:
+    """ε of `steps` Poisson-subsampled Gaussian steps (rate q, multiplier σ) at δ, from Opacus' accountant."""
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def poisson_plan(num_sentences: int, batch_size: int, epochs: int, sample_rate: float) -> tuple[float, int]:
+    """(q, steps) for one device: q = sample_rate or min(1, batch_size / n); steps = max(1, round(epochs / q))."""
+    q = sample_rate if sample_rate > 0 else min(1.0, batch_size / max(num_sentences, 1))
+    return q, max(1, int(round(epochs / q)))
+
+
+class DeviceDPSGD:
+    """DP-SGD for `DeviceTrainer`: wraps its model once, then `train()` runs one device's local DP-SGD."""
+
+    def __init__(self, trainer: DeviceTrainer) -> None:
+        t0 = time.perf_counter()
+        self.trainer = trainer
+        self.cfg = trainer.cfg.dpsgd
+        mode = self.cfg.grad_sample_mode
+        lm = trainer.model
+        if not getattr(lm, "dp_compatible", False):
+            raise ConfigError("device DP-SGD needs a model built with dp_compatible=True (DeviceTrainer does this "
+                              "when dpsgd.enabled=true)")
+        tied = lm.output is None
+        if mode == "ghost" and tied and lm.embedding.weight.requires_grad:
+            raise ConfigError("dpsgd.grad_sample_mode=ghost cannot clip tied embeddings (Opacus refuses shared "
+                              "parameters in ghost clipping); set model.tie_embeddings=false or "
+                              "dpsgd.grad_sample_mode=hooks")
+        if mode in ("functorch", "ew") and trainer.cfg.device.loss != "full":
+            raise ConfigError(f"dpsgd.grad_sample_mode={mode} cannot compute per-sample gradients of the sampled "
+                              f"output rows of device.loss={trainer.cfg.device.loss}; use grad_sample_mode=hooks "
+                              "or ghost (or device.loss=full)")
+        if mode == "ew" and tied:
+            raise ConfigError("dpsgd.grad_sample_mode=ew does not support tied embeddings; set "
+                              "model.tie_embeddings=false or dpsgd.grad_sample_mode=hooks")
+        self.net = _DPNet(trainer)
+        kwargs = {"batch_first": True, "loss_reduction": "mean"}
+        if mode == "ghost":
+            kwargs.update(max_grad_norm=self.cfg.max_grad_norm, use_ghost_clipping=True)
+        self.gsm = prepare_module(self.net, mode, True, **kwargs)
+        opt_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+        self.optimizer = opt_cls(trainer.optimizer, noise_multiplier=self.cfg.noise_multiplier,
+                                 max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=1,
+                                 loss_reduction="mean")
+        self.params = list(self.optimizer.params)
+        trainable = {id(p) for p in trainer.trainable}
+        if {id(p) for p in self.params} != trainable or any(not p.requires_grad for p in self.params):
+            raise ConfigError("device DP-SGD: the optimizer's parameters differ from the trainable ones")
+        self.wrap_count = 1
+        self.wrap_seconds = time.perf_counter() - t0
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def hook_count(self) -> int:
+        """Opacus hooks currently attached (constant after construction: the model is wrapped once)."""
+        return len(getattr(self.gsm, "autograd_grad_sample_hooks", []) or [])
+
+    # ----- one device ------------------------------------------------------------------------------------
+    def _reset(self, q: float, n: int, gen: torch.Generator) -> None:
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+        opt._is_last_step_skipped = False
+        opt.expected_batch_size = q * n  # Poisson: average the clipped sum by the *expected* batch size
+        opt.generator = gen
+        for p in self.params:
+            p.summed_grad = None
+            p.grad_sample = None
+            p.__dict__.pop("_norm_sample", None)
+            p.__dict__.pop("_current_grad_sample", None)
+
+    def _noise_words(self, gen: torch.Generator) -> torch.Tensor:
+        tr = self.trainer
+        if tr.cfg.device.loss == "full":
+            return torch.zeros(0, dtype=torch.long)
+        assert tr.sampler is not None
+        return tr.sampler.sample(tr.cfg.device.num_samples, generator=gen)
+
+    def _empty_step(self) -> None:
+        """A Poisson batch with no sentence: the clipped sum is zero, the step adds noise only."""
+        for p in self.params:
+            if self.cfg.grad_sample_mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One clipped+noised step on a non-empty batch; returns (per-sentence losses, per-sentence norms)."""
+        noise = self._noise_words(gen)
+        per_seq = self.gsm(inputs, targets, mask, noise)
+        if self.cfg.grad_sample_mode == "ghost":
+            for p in self.params:  # a norm left from an earlier step must never be reused
+                p.__dict__.pop("_norm_sample", None)
+            try:
+                DPTensorFastGradientClipping(self.gsm, self.optimizer, per_seq, "mean").backward()
+            except AttributeError as e:
+                raise RuntimeError("ghost clipping found a trainable parameter without a per-sample norm (used "
+                                   "outside an Opacus-visible module); use grad_sample_mode=hooks") from e
+            norms = self.gsm.per_sample_gradient_norms.detach()
+        else:
+            per_seq.mean().backward()
+            gs = self.optimizer.grad_samples
+            norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in gs], 1).norm(dim=1)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return per_seq.detach(), norms
+
+    def train(self, seqs: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator,
+              gen: torch.Generator) -> tuple[float, int, int]:
+        """Local DP-SGD on one device's packed sentences; returns (token-weighted loss sum, tokens, steps)."""
+        t0 = time.perf_counter()
+        tr, c = self.trainer, self.cfg
+        n = int(seqs.shape[0])
+        q, steps = poisson_plan(n, tr.cfg.device.batch_size, tr.cfg.device.epochs, c.sample_rate)
+        self._reset(q, n, gen)
+        setup = time.perf_counter() - t0
+        total_loss, total_tok, empty, clipped, seen = 0.0, 0, 0, 0, 0
+        for _ in range(steps):
+            idx = torch.from_numpy(np.flatnonzero(rng.random(n) < q))
+            if idx.numel() == 0:
+                self._empty_step()
+                empty += 1
+                continue
+            inputs, targets, mask = tr.local_vocab.batch(seqs[idx], lengths[idx])
+            per_seq, norms = self._step(inputs, targets, mask, gen)
+            ntok = mask.sum(1)
+            total_loss += float((per_seq * ntok).sum())
+            total_tok += int(ntok.sum())
+            clipped += int((norms > c.max_grad_norm).sum())
+            seen += int(norms.numel())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_metrics = {
+            "device_sample_epsilon": sample_level_epsilon(q, c.noise_multiplier, steps, c.delta, c.accountant),
+            "device_sample_delta": c.delta,
+            "device_sample_rate": q,
+            "device_dp_steps": float(steps),
+            "device_dp_empty_batches": float(empty),
+            "device_dp_fraction_clipped": clipped / max(seen, 1),  # diagnostic only: not privatised
+            "device_dp_setup_seconds": setup,
+            "device_dp_wrap_seconds": self.wrap_seconds,  # one-time cost, paid when the trainer was built
+        }
+        return total_loss, total_tok, steps
+
+
+__all__ = ["DPOutputHead", "DeviceDPSGD", "poisson_plan", "sample_level_epsilon"]

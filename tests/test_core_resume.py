@@ -1,0 +1,82 @@
+"""Exact resume: a run killed mid-way and restarted ends with the same weights and the same ε."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pflm.config import load_recipe
+from pflm.simulation.simulator import Simulator
+from tests.conftest import tiny_overrides
+
+RECIPE = "recipes/tiny_synthetic.yaml"
+DP = {"privacy.noise_multiplier": 0.8, "privacy.adaptive_clipping.enabled": "true", "privacy.adaptive_clipping.count_noise_multiplier": 2.0, "server.optimizer": "fedadam",
+      "server.lr": 0.05, "peu.mode": "sampled", "peu.k": 50, "server.checkpoint_every": 1}
+
+
+def _same_weights(a, b):
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_after_crash_equals_uninterrupted(synthetic_data, tmp_path, monkeypatch):
+    ref = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "a"), **DP, **{"server.rounds": 5})))
+    ref_summary = ref.run(progress=False)
+
+    crashed = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **DP, **{"server.rounds": 5})))
+    real = crashed.run_round
+
+    def crash_at_3(r):
+        if r == 3:
+            raise RuntimeError("simulated crash")
+        return real(r)
+
+    monkeypatch.setattr(crashed, "run_round", crash_at_3)
+    with pytest.raises(RuntimeError):
+        crashed.run(progress=False)
+    resumed = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **DP, **{"server.rounds": 5})))
+    summary = resumed.run(progress=False)
+    _same_weights(tmp_path / "a" / "tiny_synthetic", tmp_path / "b" / "tiny_synthetic")
+    assert summary["epsilon"] == ref_summary["epsilon"]  # the accountant resumed with the spent budget
+    assert summary["final_clip_bound"] == ref_summary["final_clip_bound"]
+    rounds = [json.loads(x)["round"] for x in (tmp_path / "b" / "tiny_synthetic" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(5))
+
+
+def test_kill_9_then_rerun_gives_same_final_weights(synthetic_data, tmp_path):
+    rounds = 14
+    args = tiny_overrides(synthetic_data, str(tmp_path / "killed"), **DP, **{"server.rounds": rounds})
+    cmd = [sys.executable, "-m", "pflm", "train", RECIPE, *args, "--no-progress"]
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ptr = tmp_path / "killed" / "tiny_synthetic" / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ptr.exists():
+            try:
+                if json.loads(ptr.read_text())["round"] >= 3:
+                    break
+            except ValueError:
+                pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed; raise the round count"
+    done = json.loads(ptr.read_text())["round"]
+    assert 3 <= done < rounds
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ref"), **DP, **{"server.rounds": rounds})))
+    ref_summary = ref.run(progress=False)
+    _same_weights(tmp_path / "killed" / "tiny_synthetic", tmp_path / "ref" / "tiny_synthetic")
+    summary = json.loads((tmp_path / "killed" / "tiny_synthetic" / "summary.json").read_text())
+    assert summary["epsilon"] == ref_summary["epsilon"]
