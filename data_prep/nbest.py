@@ -7,19 +7,20 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
+import queue
 import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pflm.errors import ConfigError, DataError, PflmError
 from pflm.evaluation.nbest import Hypothesis, NBestUtterance, write_nbest
@@ -158,17 +159,14 @@ def decode_nbest(decoder: Any, raw: bytes, nbest: int, max_raw_hyps: int) -> lis
 _DECODER: Any = None
 
 
-def _worker_init() -> None:
-    global _DECODER
-    from pocketsphinx import Decoder
-
-    _DECODER = Decoder(**DECODER_CONFIG)
-
-
 def _work(task: tuple[str, str, int, int]) -> dict[str, Any]:
+    """Synthesize and decode one sentence (the decoder is created once per process)."""
+    global _DECODER
     text, voice, nbest, max_raw = task
     if _DECODER is None:
-        _worker_init()
+        from pocketsphinx import Decoder
+
+        _DECODER = Decoder(**DECODER_CONFIG)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pflm-tts-") as tmp:
         raw = synthesize(text, voice, tmp)
@@ -179,6 +177,70 @@ def _work(task: tuple[str, str, int, int]) -> dict[str, Any]:
         "audio_seconds": len(raw) / (2 * SAMPLE_RATE),
         "worker_seconds": time.perf_counter() - t0,
     }
+
+
+def _worker_main(task_file: str) -> int:
+    """Worker process: read tasks (JSON lines) from `task_file`, print one JSON result line per task."""
+    with open(task_file, encoding="utf-8") as f:
+        tasks = [tuple(json.loads(line)) for line in f if line.strip()]
+    for task in tasks:
+        try:
+            res = _work(task)  # type: ignore[arg-type]
+        except Exception as e:  # reported to the parent, which raises it as one clear error
+            res = {"error": f"{type(e).__name__}: {e}", "text": task[0]}
+        sys.stdout.write(json.dumps(res) + "\n")
+        sys.stdout.flush()
+        if "error" in res:
+            return 1
+    return 0
+
+
+def _run_parallel(tasks: list[tuple[str, str, int, int]], workers: int, tmpdir: str) -> Iterator[dict[str, Any]]:
+    """Yield results from `workers` subprocesses (`python -m data_prep.nbest --worker FILE`), round-robin split.
+
+    Plain subprocesses instead of multiprocessing: callers need no `if __name__ == "__main__"` guard and nothing is
+    forked from a parent that may hold torch threads.
+    """
+    results: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    procs = []
+    for w in range(workers):
+        task_file = os.path.join(tmpdir, f"tasks-{w}.jsonl")
+        with open(task_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(t) + "\n" for t in tasks[w::workers])
+        err = open(os.path.join(tmpdir, f"stderr-{w}.txt"), "w+", encoding="utf-8")
+        cmd = [sys.executable, "-m", "data_prep.nbest", "--worker", task_file]
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True), err))
+
+    def pump(proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                results.put(json.loads(line))
+        results.put(None)
+
+    threads = [threading.Thread(target=pump, args=(p,), daemon=True) for p, _ in procs]
+    for t in threads:
+        t.start()
+    try:
+        done = 0
+        while done < len(procs):
+            item = results.get()
+            if item is None:
+                done += 1
+            elif "error" in item:
+                raise PflmError(f"N-best worker failed on {item['text'][:40]!r}: {item['error']}")
+            else:
+                yield item
+        for p, err in procs:
+            if p.wait() != 0:
+                err.seek(0)
+                raise PflmError(f"N-best worker exited with {p.returncode}: {err.read().strip()[-300:]}")
+    finally:
+        for p, err in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            err.close()
 
 
 def _load_cached(path: Path, text: str) -> dict[str, Any] | None:
@@ -217,9 +279,7 @@ def generate_nbest_with_stats(
 
     entries: dict[str, dict[str, Any]] = {}
     todo: list[str] = []
-    for _, text in sentences:
-        if text in entries or text in todo:
-            continue
+    for text in dict.fromkeys(t for _, t in sentences):  # distinct texts, in order
         hit = _load_cached(cache / f"{cache_key(text, cfg, versions)}.json", text)
         if hit is not None:
             entries[text] = hit
@@ -228,23 +288,15 @@ def generate_nbest_with_stats(
     stats.cached = len(entries)
     if todo:
         tasks = [(t, cfg.voice, cfg.nbest, cfg.max_raw_hyps) for t in todo]
-        if cfg.workers == 1 or len(tasks) == 1:
-            results = map(_work, tasks)
-            pool = None
-        else:
-            pool = mp.get_context("spawn").Pool(min(cfg.workers, len(tasks)), initializer=_worker_init)
-            results = pool.imap(_work, tasks, chunksize=4)
-        try:
+        n_workers = min(cfg.workers, len(tasks))
+        with tempfile.TemporaryDirectory(prefix="pflm-nbest-") as tmpdir:
+            results = map(_work, tasks) if n_workers == 1 else _run_parallel(tasks, n_workers, tmpdir)
             for res in results:
                 atomic_write_json(cache / f"{cache_key(res['text'], cfg, versions)}.json", res)
                 entries[res["text"]] = res
                 stats.decoded += 1
                 stats.audio_seconds += res["audio_seconds"]
                 stats.worker_seconds += res["worker_seconds"]
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
 
     utts = []
     for utt_id, text in sentences:
@@ -306,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     from pflm.evaluation.nbest import read_nbest
     from pflm.evaluation.wer import corpus_wer
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--worker"] and len(argv) == 2:
+        return _worker_main(argv[1])
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -9,19 +9,25 @@ import sys
 
 # Each module exposes `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`;
 # `func(args)` returns an exit code (or None for 0).
-SUBCOMMAND_MODULES = [
-    "pflm.data.prepare",  # pflm prepare
-    "pflm.simulation.cli",  # pflm train / pflm eval
-    "pflm.device.report",  # pflm device-report
-    "pflm.privacy.cli",  # pflm privacy epsilon|calibrate|plan
-    "pflm.evaluation.rescore_cli",  # pflm rescore / pflm nbest
-]
+COMMANDS = {
+    "prepare": "pflm.data.prepare",
+    "train": "pflm.simulation.cli",
+    "eval": "pflm.simulation.cli",
+    "device-report": "pflm.device.report",
+    "privacy": "pflm.privacy.cli",
+    "rescore": "pflm.evaluation.rescore_cli",
+    "nbest": "pflm.evaluation.rescore_cli",
+}
+SUBCOMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Import only the invoked stage's module (torch etc. load lazily); all of them for --help."""
     parser = argparse.ArgumentParser(prog="pflm", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    modules = [COMMANDS[first]] if first in COMMANDS else SUBCOMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:  # a stage not built yet must not break the others
@@ -37,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from pflm.errors import PflmError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `k=v` overrides may follow options (`pflm train R --no-progress rounds=3`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

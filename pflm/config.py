@@ -89,12 +89,12 @@ class AdaptiveClipConfig:
     enabled: bool = False
     target_quantile: float = 0.5
     learning_rate: float = 0.2
-    count_noise_multiplier: float = 0.0  # σ_b for the noised clipped-count (0 = derive: 20 × expected cohort / 20? see docs)
+    count_noise_std: float = 0.0  # σ_b: std of the noise on the clipped-count sum (0 = noise cohort / 20, the paper default)
 
     def __post_init__(self) -> None:
         _check(0 < self.target_quantile < 1, "privacy.adaptive_clipping.target_quantile must be in (0, 1)")
         _check(self.learning_rate > 0, "privacy.adaptive_clipping.learning_rate must be > 0")
-        _check(self.count_noise_multiplier >= 0, "privacy.adaptive_clipping.count_noise_multiplier must be >= 0")
+        _check(self.count_noise_std >= 0, "privacy.adaptive_clipping.count_noise_std must be >= 0")
 
 
 @dataclass

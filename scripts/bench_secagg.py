@@ -99,6 +99,7 @@ def main() -> None:
                 timing, total = run_round(SecureAggregator(cfg), ctx, ups)
                 row[f"{mode}/{graph}"] = summarise(n, timing, total, plain_s)
                 print(f"# cohort {n} {mode}/{graph}: {total:.2f} s (plain {plain_s:.3f} s)", flush=True)
+                print("# " + json.dumps({"cohort": n, "case": f"{mode}/{graph}", **row[f"{mode}/{graph}"]}), flush=True)
         report["results"].append(row)
     print(json.dumps(report, indent=1))
 

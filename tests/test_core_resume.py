@@ -18,7 +18,7 @@ from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
-DP = {"privacy.noise_multiplier": 0.8, "privacy.adaptive_clipping.enabled": "true", "privacy.adaptive_clipping.count_noise_multiplier": 2.0, "server.optimizer": "fedadam",
+DP = {"privacy.noise_multiplier": 0.8, "privacy.adaptive_clipping.enabled": "true", "privacy.adaptive_clipping.count_noise_std": 2.0, "server.optimizer": "fedadam",
       "server.lr": 0.05, "peu.mode": "sampled", "peu.k": 50, "server.checkpoint_every": 1}
 
 

@@ -189,6 +189,12 @@ def test_compute_loss_dispatch_and_config() -> None:
         assert loss.shape == (2,) and torch.isfinite(loss).all()
     with pytest.raises(ConfigError, match="UnigramSampler"):
         compute_loss(model, x, y, m, LossConfig(kind="nce"))
+    from opacus import GradSampleModule
+    gsm = GradSampleModule(build_model(ModelConfig(embedding_dim=8, hidden_dim=8), V, dp_compatible=True))
+    with pytest.raises(ConfigError, match="Opacus"):
+        compute_loss(gsm, x, y, m, LossConfig(kind="sampled"), sampler)
+    assert compute_loss(gsm, x, y, m, LossConfig(kind="full")).shape == (2,)
+    gsm._close()
     for bad in (dict(kind="hinge"), dict(num_samples=0), dict(unigram_alpha=2.0)):
         with pytest.raises(ConfigError):
             LossConfig(**bad)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from pflm.errors import ConfigError
 from pflm.privacy.accountant import RunningAccountant
 from pflm.privacy.budget import BudgetExhausted, BudgetGuard
 
-SIGMA, Q, DELTA, TARGET = 1.5, 0.02, 1e-5, 1.0
+SIGMA, Q, DELTA, TARGET = 2.0, 0.05, 1e-5, 1.0
 
 
 def _train_until_stop(acc: RunningAccountant, guard: BudgetGuard, max_rounds: int = 10_000) -> int:

@@ -24,8 +24,8 @@ def _ctx(clip: float, dim: int, round_: int = 0, m: int = 1) -> RoundContext:
 def test_clipped_norms_never_exceed_bound():
     g = torch.Generator().manual_seed(0)
     clip = L2Clip()
-    for i in range(200):
-        dim = int(torch.randint(1, 50_000, (1,), generator=g))
+    for i in range(120):
+        dim = int(torch.randint(1, 20_000, (1,), generator=g))
         scale = float(10 ** torch.empty(1).uniform_(-3, 3, generator=g))
         c = float(10 ** torch.empty(1).uniform_(-2, 1, generator=g))
         u = torch.randn(dim, generator=g) * scale

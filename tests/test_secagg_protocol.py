@@ -237,3 +237,50 @@ def test_simulate_mode_large_sweep_matches_independent_sum() -> None:
             continue
         assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
     assert failures <= 10
+
+
+def test_clamped_values_are_counted_and_reported() -> None:
+    ups = {u: torch.zeros(DIM) for u in (1, 2, 3, 4, 5)}
+    for x in ups.values():
+        x[:3] = 0.9  # beyond the coordinate bound C · value_bound_factor = 0.5
+    agg, _ = run(SecAggConfig(value_bound_factor=0.5, mode="full"), ups)
+    res = agg.finalize()
+    assert res.metrics["secagg_wraps"] == 15
+    assert torch.allclose(res.total[:3], torch.full((3,), 2.5)) and res.total[3:].abs().max() == 0
+
+
+def test_fresh_rounding_randomness_still_decodes_within_bound() -> None:
+    ups = updates(6)
+    sums = []
+    for _ in range(2):
+        agg, _ = run(SecAggConfig(rounding="urandom", bits=24), ups)
+        res = agg.finalize()
+        want = sum(x.double() for x in ups.values())
+        assert (res.total.double() - want).abs().max().item() <= res.metrics["secagg_quant_error_bound"] + 1e-6
+        sums.append(agg.last_sum)
+    assert not np.array_equal(sums[0], sums[1])
+
+
+def test_calls_out_of_order_fail_clearly() -> None:
+    agg = SecureAggregator()
+    with pytest.raises(AggregationFailed, match="before begin"):
+        agg.add(1, torch.zeros(3), 1.0)
+    with pytest.raises(AggregationFailed, match="before begin"):
+        agg.finalize()
+    agg.drop(1)  # harmless
+
+
+def test_recipe_factory_uses_the_run_seed() -> None:
+    from pflm.aggregator.secagg import make_secure_aggregator
+
+    ups = updates(6)
+    agg = make_secure_aggregator({"mode": "simulate", "neighbours": "4"}, seed=5)
+    assert agg.config.neighbours == 4
+    ctx = RoundContext(round=3, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=123)
+    agg.begin(ctx)
+    for u, x in ups.items():
+        agg.add(u, x, 1.0, {"clipped": float(u % 2)})
+    agg.finalize()
+    ref, _ = run(SecAggConfig(mode="simulate", neighbours=4), ups, seed=5, rnd=3)  # ctx.seed = 5
+    ref.finalize()
+    assert np.array_equal(agg.last_sum, ref.last_sum)

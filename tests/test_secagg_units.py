@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pflm.aggregator.secagg import SecAggConfig, shamir
+from pflm.aggregator.secagg import SecAggConfig, SecureAggregator, shamir
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.graph import effective_degree, harary_graph, prune_to_threshold
 from pflm.aggregator.secagg.masking import MaskStream
@@ -30,6 +30,19 @@ from pflm.errors import AggregationFailed, ConfigError
 def test_config_rejects_bad_values(kwargs: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         SecAggConfig(**kwargs)
+
+
+def test_config_from_recipe_mapping() -> None:
+    from pflm.config_base import from_dict
+
+    cfg = from_dict(SecAggConfig, {"neighbours": "12", "bits": 24, "dropout_share": 0.1}, "aggregation.secagg")
+    assert cfg.neighbours == 12 and cfg.bits == 24 and cfg.dropout_share == 0.1
+    assert from_dict(SecAggConfig, {"neighbours": "log"}, "aggregation.secagg").neighbours == "log"
+    with pytest.raises(ConfigError, match="did you mean 'threshold'"):
+        from_dict(SecAggConfig, {"treshold": 0.5}, "aggregation.secagg")
+    assert SecureAggregator.from_options({"mode": "simulate"}).config.mode == "simulate"
+    with pytest.raises(ConfigError, match=r"^aggregation\.secagg\.bits=70 must be"):
+        from_dict(SecAggConfig, {"bits": 70}, "aggregation.secagg")
 
 
 def test_config_degree_and_threshold() -> None:
@@ -131,3 +144,18 @@ def test_mask_stream_is_uniform_and_key_dependent() -> None:
     from scipy.stats import chisquare
 
     assert chisquare(counts).pvalue > 1e-6
+
+
+def test_chunked_mask_stream_equals_one_keystream() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    n = 3 * MaskStream.CHUNK + 5
+    for bits, dtype in ((32, np.uint32), (48, np.uint64)):
+        s = MaskStream(n, bits)
+        key = bytes(range(32))
+        enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        want = enc.update(bytes(n * np.dtype(dtype).itemsize))
+        assert np.array_equal(s.expand(key), np.frombuffer(want, dtype=dtype))
+        acc = np.zeros(n, dtype=dtype)
+        s.add_many(acc, [(key, 1), (bytes(32), 1), (key, -1), (bytes(32), -1)])
+        assert not acc.any()

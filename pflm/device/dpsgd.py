@@ -256,6 +256,7 @@ class DeviceDPSGD:
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ from pflm.config import RecipeConfig
 from pflm.device.batching import LocalVocab, pack_sentences
 from pflm.device.layout import Layout, trainable_names
 from pflm.model.factory import build_model
-from pflm.model.lora import apply_lora
 from pflm.model.losses import UnigramSampler, full_softmax_loss, nce_loss, sampled_softmax_loss
 
 
@@ -33,10 +32,8 @@ class DeviceResult:
 
 
 def build_device_model(cfg: RecipeConfig, vocab_size: int, dp_compatible: bool = False) -> torch.nn.Module:
-    model = build_model(cfg.model, vocab_size, dp_compatible=dp_compatible)
-    if cfg.model.lora.rank > 0:
-        apply_lora(model, cfg.model.lora)
-    return model
+    """The recipe's LM (with LoRA adapters when model.lora.rank > 0) over `vocab_size` rows."""
+    return build_model(cfg.model, vocab_size, dp_compatible=dp_compatible)
 
 
 class DeviceTrainer:

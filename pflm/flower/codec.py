@@ -165,15 +165,3 @@ def decode_reply(content: RecordDict) -> NodeReply:
         )
     return NodeReply(devices, [int(u) for u in col("nonfinite")])
 
-
-def encode_query() -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"want": "partition"})})
-
-
-def encode_partition(partition_id: int, num_partitions: int) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"partition-id": int(partition_id), "num-partitions": int(num_partitions)})})
-
-
-def decode_partition(content: RecordDict) -> tuple[int, int]:
-    c = content.config_records[CONFIG]
-    return int(c["partition-id"]), int(c["num-partitions"])

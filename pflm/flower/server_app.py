@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pflm.config import RecipeConfig, load_recipe
 from pflm.errors import AggregationFailed, PflmError
-from pflm.flower import codec
+from pflm.flower import codec, partition
 from pflm.simulation.simulator import Simulator
 
 DEFAULT_ROUND_TIMEOUT = 3600.0
@@ -41,7 +41,7 @@ class FlowerSimulator(Simulator):
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.recipe_json = codec.recipe_payload(cfg)
-        self.threads = cfg.threads or max(1, int(cfg.flower.cpus_per_client))
+        self.threads = max(1, int(cfg.flower.cpus_per_client))  # torch threads per ClientApp
         self.node_of_partition: dict[int, int] = {}
 
     # ---- node discovery ---------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ class FlowerSimulator(Simulator):
                 )
             time.sleep(0.2)
             nodes = list(self.grid.get_node_ids())
-        msgs = [Message(codec.encode_query(), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)]
+        msgs = [Message(partition.encode_query(), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)]
         replies = list(self.grid.send_and_receive(msgs, timeout=self.node_wait))
         parts: dict[int, int] = {}
         sizes = set()
@@ -66,7 +66,7 @@ class FlowerSimulator(Simulator):
             if rep.has_error():
                 log(WARNING, "[pflm] node %s did not report its partition: %s", rep.metadata.src_node_id, rep.error.reason)
                 continue
-            pid, n = codec.decode_partition(rep.content)
+            pid, n = partition.decode_partition(rep.content)
             sizes.add(n)
             if pid in parts:
                 raise PflmError(f"two SuperNodes claim partition-id={pid}; give each node its own partition-id")
@@ -92,7 +92,7 @@ class FlowerSimulator(Simulator):
         n_parts = len(self.node_of_partition)
         share: dict[int, list[int]] = {}
         for user in plan.cohort:
-            share.setdefault(user % n_parts, []).append(user)
+            share.setdefault(partition.owner(user, n_parts), []).append(user)
         parts = sorted(share)
         msgs = [
             Message(
@@ -127,6 +127,13 @@ class FlowerSimulator(Simulator):
                     agg.drop(u)
                 return
             reply = codec.decode_reply(rep.content)
+            asked = set(users)
+            stray = [d.user for d in reply.devices if d.user not in asked] + [u for u in reply.nonfinite if u not in asked]
+            if stray:  # never let a node contribute for users it was not asked to train
+                log(WARNING, "[pflm] round %d: node %s answered for users %s it was not sent; ignored", r,
+                    rep.metadata.src_node_id, stray[:5])
+                reply.devices = [d for d in reply.devices if d.user in asked]
+                reply.nonfinite = [u for u in reply.nonfinite if u in asked]
             for d in reply.devices:
                 agg.add(d.user, d.update, d.weight, d.aux)
                 losses += d.train_loss * d.num_tokens

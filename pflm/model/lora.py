@@ -95,7 +95,7 @@ def _named_linear_targets(model: LanguageModel, targets: Iterable[str]) -> list[
             found += [(layer.attn, n) for n in ("q", "k", "v", "o")]
         if "ffn" in targets:
             found += [(layer.ffn, n) for n in ("fc1", "fc2")]
-    if "rnn" in targets and model.cfg.arch == "lstm" and model.dp_compatible:
+    if "rnn" in targets and model.cfg.arch == "lstm" and not isinstance(model.rnn, nn.LSTM):  # DPLSTM cells
         for k in range(model.cfg.num_layers):
             cell = getattr(model.rnn, f"l{k}")
             found += [(cell, "ih"), (cell, "hh")]
@@ -119,7 +119,7 @@ def apply_lora(model: LanguageModel, lora: LoraConfig) -> LanguageModel:
     for parent, attr in _named_linear_targets(model, lora.targets):
         setattr(parent, attr, LoRALinear(getattr(parent, attr), lora.rank, lora.alpha))
         count += 1
-    if "rnn" in lora.targets and model.cfg.arch == "lstm" and not model.dp_compatible:
+    if "rnn" in lora.targets and model.cfg.arch == "lstm" and isinstance(model.rnn, nn.LSTM):
         rnn = model.rnn
         for k in range(model.cfg.num_layers):
             container = nn.Module()
@@ -142,7 +142,7 @@ def merge_lora(model: LanguageModel) -> LanguageModel:
         for attr, child in list(parent._modules.items()):
             if isinstance(child, LoRALinear):
                 setattr(parent, attr, child.merged())
-    if model.cfg.arch == "lstm" and not model.dp_compatible:
+    if model.cfg.arch == "lstm" and isinstance(model.rnn, nn.LSTM):
         adapters = model.fused_lora_adapters()  # type: ignore[operator]
         with torch.no_grad():
             for name, adapter in adapters.items():

@@ -5,6 +5,9 @@ All training losses return one loss per sequence [B]: the mean over that sequenc
 number of valid targets. Inputs: features [B,T,H] (from `model.features`), output weight [V,H] and bias [V]
 (`model.output_weight()`, `model.output_bias()`), targets [B,T] (long), mask [B,T] (bool, target valid).
 
+Opacus DP-SGD: use kind "full" through `compute_loss` (it calls the model, so Opacus' hooks see the output
+layer); sampled/NCE losses index the output matrix directly and are for non-DP-SGD device training.
+
 Sampled losses draw k noise words once per call, shared by the whole batch, from a unigram^alpha
 distribution q, and only gather the k + (#targets) rows of the output layer, so memory does not scale with V.
 """
@@ -181,6 +184,11 @@ def compute_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Te
         return _per_sequence_mean(token_losses, seq, h_mask.sum(dim=1))
     if sampler is None:
         raise ConfigError(f"loss.kind={cfg.kind!r} needs a UnigramSampler (noise distribution)")
+    if getattr(model, "autograd_grad_sample_hooks", None):
+        # Opacus hooks only see module calls; rows gathered from the output matrix would be missing from the
+        # per-sample gradients (silently wrong for tied models), so refuse instead.
+        raise ConfigError(f"loss.kind={cfg.kind!r} is not supported with Opacus DP-SGD (per-sample gradients);"
+                          " use loss.kind=full for DP-SGD, or sampled/nce with central (user-level) DP only")
     feats = model.features(inputs)  # type: ignore[operator]
     weight, bias = model.output_weight(), model.output_bias()  # type: ignore[operator]
     if cfg.kind == "sampled":

@@ -67,7 +67,7 @@ class LSTMLanguageModel(LanguageModel):
 
     def fused_lora_adapters(self) -> dict[str, nn.Module]:
         """Adapters on the fused nn.LSTM, keyed by the weight they adapt (e.g. "weight_hh_l0")."""
-        if self.dp_compatible:
+        if not isinstance(self.rnn, nn.LSTM):
             return {}
         found = {}
         for k in range(self.cfg.num_layers):
@@ -76,7 +76,7 @@ class LSTMLanguageModel(LanguageModel):
                 continue
             for kind in ("ih", "hh"):
                 adapter = container._modules.get(kind)
-                if adapter is not None:
+                if adapter is not None and hasattr(adapter, "delta_weight"):
                     found[f"weight_{kind}_l{k}"] = adapter
         return found
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -145,7 +146,9 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float, a
         return 0.0
 
     def eps(s: float) -> float:
-        return compute_epsilon(q, s, steps, delta, accountant)
+        with warnings.catch_warnings():  # probes far from the answer hit the ends of Opacus' order grid
+            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+            return compute_epsilon(q, s, steps, delta, accountant)
 
     hi = 1.0
     e_hi = eps(hi)
@@ -153,7 +156,8 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float, a
         hi *= 2
         if hi > MAX_SIGMA:
             raise ConfigError(
-                f"ε={target:g} is unreachable below σ={MAX_SIGMA:g}: raise ε or δ, or use fewer rounds / a smaller cohort"
+                f"ε={target:g} is unreachable below σ={MAX_SIGMA:g}: "
+                "raise ε or δ, or use fewer rounds / a smaller cohort"
             )
         e_hi = eps(hi)
     lo = hi / 2
@@ -187,8 +191,10 @@ class PrivacyBudget:
     `cohort` is the *noise cohort*: the cohort size the noise is calibrated for and the ε refers to (with the
     noise-cohort option a simulation may train on fewer users per round but adds noise scaled as if `cohort`
     users took part). Give exactly one of `noise_multiplier` (σ; ε is computed) or `epsilon` (σ is calibrated
-    so that ε(σ) ≤ ε within 1e-4 relative). Sampling "poisson" is what the accountants analyse; "fixed"
-    (exactly `cohort` users per round) is accounted with q = cohort/population as an approximation.
+    so that ε(σ) ≤ ε within 1e-4 relative); afterwards both are set, `epsilon` holding the achieved ε and
+    `target_epsilon` the requested one (None when σ was given). Sampling "poisson" is what the accountants
+    analyse; "fixed" (exactly `cohort` users per round) is accounted with q = cohort/population as an
+    approximation.
     """
 
     population: int

@@ -109,7 +109,8 @@ class AdaptiveClipping(L2Clip):
 
     @property
     def effective_noise_multiplier(self) -> float:
-        return combine_noise_multipliers(self.accounting_noise_multipliers) if self.config.noise_multiplier else 0.0
+        """σ the accountant sees per round: equals the configured total σ (0 when σ = 0)."""
+        return combine_noise_multipliers(self.accounting_noise_multipliers)
 
     def update_context(self, ctx: RoundContext) -> None:
         ctx.clip_bound = self.clip_bound

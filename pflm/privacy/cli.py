@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -166,7 +167,8 @@ def run_plan(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['cohort']:>8} {r['rounds']:>7} {r['noise_multiplier']:>8.4f} {r['epsilon']:>8.4f} "
               f"{r['noise_std_mean']:>10.3e} {r['noise_norm_mean']:>10.3e} {r['snr_upper_bound']:>8.3g}")
-    print("std(avg) = σ·C/cohort per coordinate; |noise| = σ·C·√d/cohort; SNR<= = C/|noise| (mean clipped update ≤ C)")
+    print("std(avg) = σ·C/cohort per coordinate; |noise| = σ·C·√d/cohort; "
+          "SNR<= = C/|noise| (mean clipped update ≤ C)")
     print(f"sampling: {statement}")
     print(f"wrote {out / 'plan.csv'} and {out / 'plan.png'}")
     return 0
@@ -178,15 +180,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="privacy_command", metavar="{epsilon,calibrate,plan}")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
+    def quiet(fn):  # keep output to the documented lines: Opacus' order-grid warnings go to the docs instead
+        def run(args: argparse.Namespace) -> int:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+                return fn(args)
+
+        return run
+
     e = sub.add_parser("epsilon", help="ε for a noise multiplier, sampling rate and number of rounds")
     e.add_argument("--noise-multiplier", type=float, required=True, help="σ (noise std / clip bound)")
     _population_args(e, with_rate=True)
-    e.set_defaults(func=run_epsilon)
+    e.set_defaults(func=quiet(run_epsilon))
 
     c = sub.add_parser("calibrate", help="smallest σ giving ε ≤ target (prints 'noise_multiplier: <value>')")
     c.add_argument("--epsilon", type=float, required=True, help="target ε")
     _population_args(c, with_rate=True)
-    c.set_defaults(func=run_calibrate)
+    c.set_defaults(func=quiet(run_calibrate))
 
     pl = sub.add_parser("plan", help="grid of cohorts × rounds for a target ε: σ, noise on the average, SNR")
     pl.add_argument("--epsilon", type=float, required=True, help="target ε")
@@ -200,6 +210,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
     pl.add_argument("--out", default="privacy_plan", help="directory for plan.csv and plan.png")
     pl.add_argument("--json", action="store_true")
-    pl.set_defaults(func=run_plan)
+    pl.set_defaults(func=quiet(run_plan))
     for parser in (e, c, pl):
         _one_line_errors(parser)

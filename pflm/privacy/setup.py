@@ -58,7 +58,7 @@ class PrivacySetup:
                 AdaptiveClippingConfig(
                     initial_clip_bound=p.clip_bound, noise_multiplier=self.noise_multiplier,
                     target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
-                    count_noise_std=ac.count_noise_multiplier or None, noise_cohort=self.noise_cohort,
+                    count_noise_std=ac.count_noise_std or None, noise_cohort=self.noise_cohort,
                 ),
                 self.generator,
             )

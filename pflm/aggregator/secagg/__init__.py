@@ -24,7 +24,7 @@ computationally (X25519 / ChaCha20 / HKDF); the sum itself is released in the cl
 `mode="simulate"` runs no cryptography and must be used only where the server is trusted (fast sweeps).
 """
 
-from pflm.aggregator.secagg.aggregator import SecureAggregator
+from pflm.aggregator.secagg.aggregator import SecureAggregator, make_secure_aggregator
 from pflm.aggregator.secagg.config import SecAggConfig
 
-__all__ = ["SecAggConfig", "SecureAggregator"]
+__all__ = ["SecAggConfig", "SecureAggregator", "make_secure_aggregator"]

@@ -30,12 +30,12 @@ from pflm.errors import AggregationFailed
 STAGES = ("advertise", "share", "masked_input", "unmask")
 
 
-def dropout_plan(cfg: SecAggConfig, ctx: RoundContext, cohort: list[int]) -> dict[int, str]:
+def dropout_plan(cfg: SecAggConfig, seed: int, round_: int, cohort: list[int]) -> dict[int, str]:
     """Simulated dropouts: device → the stage before which it drops (absent = never), seeded by (run seed, round)."""
     probs = [cfg.dropout_advertise, cfg.dropout_share, cfg.dropout_masked_input, cfg.dropout_unmask]
     if not any(probs):
         return {}
-    digest = hashlib.sha256(f"pflm-secagg-dropout|{ctx.seed}|{ctx.round}".encode()).digest()
+    digest = hashlib.sha256(f"pflm-secagg-dropout|{seed}|{round_}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:16], "big"))
     draws = rng.random((len(cohort), len(STAGES)))
     plan: dict[int, str] = {}
@@ -53,11 +53,32 @@ def upload_bytes_estimate(degree: int, length: int, bits: int) -> int:
     return 104 + degree * share_msg + (length * bits + 7) // 8 + 8 + degree * (8 + shamir.SHARE_BYTES)
 
 
+def make_secure_aggregator(options: dict[str, Any] | None, seed: int | None = None) -> SecureAggregator:
+    """The recipe's `aggregation: secure` aggregator (options = the `aggregation.secagg` mapping)."""
+    return SecureAggregator.from_options(options, seed)
+
+
 class SecureAggregator(Aggregator):
+    """Secure aggregation of a round's updates, weights and aux scalars (see the package docstring).
+
+    `finalize` metrics: secagg_wraps (coordinates clamped to their bound, summed over devices),
+    secagg_quant_step / secagg_quant_error_bound (per-coordinate step and worst-case error of the sum),
+    secagg_quant_error_max (simulation diagnostic against the in-process float sum), survivor counts,
+    secagg_bad_shares, secagg_bytes_per_device_mean/max (upload), secagg_seconds_<stage>.
+    """
+
     name = "secure"
 
-    def __init__(self, config: SecAggConfig | None = None) -> None:
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None, seed: int | None = None) -> SecureAggregator:
+        """Build from a recipe's `aggregation.secagg` mapping (unknown keys → ConfigError with a suggestion)."""
+        from pflm.config_base import from_dict
+
+        return cls(from_dict(SecAggConfig, dict(options or {}), "aggregation.secagg"), seed)
+
+    def __init__(self, config: SecAggConfig | None = None, seed: int | None = None) -> None:
         self.config = config or SecAggConfig()
+        self.run_seed = seed  # public seed of graphs, simulated dropouts and rounding; None = ctx.seed
         self.ctx: RoundContext | None = None
         self.codec: FixedPointCodec | None = None
         self.last_sum: np.ndarray | None = None  # revealed Σ of encoded inputs mod 2^b (tests, audits)
@@ -95,13 +116,17 @@ class SecureAggregator(Aggregator):
         self.clients = {}
         self.server = None
         n = len(cohort)
-        self.plan = dropout_plan(cfg, ctx, cohort)
+        self._seed = ctx.seed if self.run_seed is None else self.run_seed
+        self.plan = dropout_plan(cfg, self._seed, ctx.round, cohort)
         if n < 3:
             self._failure = f"secure aggregation needs a cohort of at least 3 devices, got {n}"
             return
+        if not (math.isfinite(ctx.clip_bound) and ctx.clip_bound > 0):
+            self._failure = f"the clip bound must be finite and > 0 to fix the encoding scale, got {ctx.clip_bound}"
+            return
         self.degree = effective_degree(n, cfg.degree(n))
         self.threshold = cfg.threshold_for(self.degree)
-        self.graph = harary_graph(cohort, cfg.degree(n), graph_seed(ctx.seed, ctx.round))
+        self.graph = harary_graph(cohort, cfg.degree(n), graph_seed(self._seed, ctx.round))
         self.session = Session(
             session_id=secrets.token_bytes(16),
             round=ctx.round,
@@ -154,7 +179,7 @@ class SecureAggregator(Aggregator):
         cfg = self.config
         keys = tuple(cfg.aux_keys or self.ctx.extra.get("aux_keys") or sorted(aux))
         return FixedPointCodec(
-            cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_bound_factor,
+            cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_factor,
             cfg.max_weight, keys, cfg.aux_bound,
         )
 
@@ -195,7 +220,7 @@ class SecureAggregator(Aggregator):
                 "list every aux name in aggregation.secagg.aux_keys"
             )
         t0 = time.perf_counter()
-        key = rounding_key(ctx.seed if self.config.rounding == "seeded" else None, ctx.round, u)
+        key = rounding_key(self._seed if self.config.rounding == "seeded" else None, ctx.round, u)
         enc = self.codec.encode(x, float(weight), aux, key)
         t1 = time.perf_counter()
         if self.config.mode == "full":
@@ -246,12 +271,11 @@ class SecureAggregator(Aggregator):
             assert self._acc is not None
             total = self.session.reduce(self._acc.copy())
         self.last_sum = total
-        self.clients = {}  # the round is over: drop the simulated devices' secrets
         dec = self.codec.decode(total)
-        return AggregateResult(
-            torch.from_numpy(dec.update.astype(np.float32)), dec.weight, len(u3), dec.aux,
-            self._metrics(dec.clamped, len(u3), bad_shares, dec.update),
-        )
+        metrics = self._metrics(dec.clamped, len(u3), bad_shares, dec.update)
+        self.clients = {}  # the round is over: drop the simulated devices' secrets
+        total_f32 = torch.from_numpy(dec.update.astype(np.float32))
+        return AggregateResult(total_f32, dec.weight, len(u3), dec.aux, metrics)
 
     def _finalize_full(self, responders: set[int]) -> np.ndarray:
         assert self.server is not None

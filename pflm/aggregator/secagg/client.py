@@ -145,10 +145,11 @@ class SecAggClient:
         if stream is None or stream.length != encoded.size:
             stream = MaskStream(encoded.size, s.bits)
         y = encoded.copy()
-        stream.add_into(y, self_mask_key(self._b_seed, s, self.device_id), +1)
+        masks = [(self_mask_key(self._b_seed, s, self.device_id), +1)]
         for v in mask_with:
             key = pairwise_key(self._s_sk, self._peers[v].s_pk, s, self.device_id, v)
-            stream.add_into(y, key, pair_sign(self.device_id, v))
+            masks.append((key, pair_sign(self.device_id, v)))
+        stream.add_many(y, masks)
         s.reduce(y)
         self.bytes_sent += (encoded.size * s.bits + 7) // 8
         return y

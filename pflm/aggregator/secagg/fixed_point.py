@@ -74,7 +74,7 @@ class FixedPointCodec:
     def __post_init__(self) -> None:
         if self.level < 1:
             raise AggregationFailed(
-                f"secagg.bits={self.bits} is too small for a cohort of {self.cohort_size}: raise secagg.bits"
+                f"bits={self.bits} is too small for a cohort of {self.cohort_size}: raise aggregation.secagg.bits"
             )
 
     @property

@@ -126,6 +126,7 @@ class SecAggServer:
             stream = MaskStream(self.acc.size, s.bits)
         self.bad_shares = sum(len(r.bad_senders) for r in responses.values())
         acc = self.acc.copy()
+        masks: list[tuple[bytes, int]] = []
         for u in sorted(self.u3):
             b = self._reconstruct(responses, u, "self")
             if b >= 1 << 256:
@@ -137,7 +138,7 @@ class SecAggServer:
                 raise AggregationFailed(
                     f"the reconstructed self-mask seed of device {u} does not match its commitment (a share is corrupt)"
                 )
-            stream.add_into(acc, self_mask_key(seed, s, u), -1)
+            masks.append((self_mask_key(seed, s, u), -1))
         for d in sorted(self.u2 - self.u3):
             if not self.graph[d] & self.u3:
                 continue
@@ -151,5 +152,6 @@ class SecAggServer:
                 )
             for v in sorted(self.graph[d] & self.u3):
                 # v added pair_sign(v, d)·PRG(s_vd); take it back out.
-                stream.add_into(acc, pairwise_key(sk, self.ads[v].s_pk, s, d, v), -pair_sign(v, d))
+                masks.append((pairwise_key(sk, self.ads[v].s_pk, s, d, v), -pair_sign(v, d)))
+        stream.add_many(acc, masks)
         return s.reduce(acc)
