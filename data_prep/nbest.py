@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -48,18 +48,18 @@ def default_normalize(text: str) -> str:
 
 
 def resolve_normalize(normalize: Callable[[str], str] | None = None) -> Callable[[str], str]:
-    """The given callable, else the data pipeline's `pflm.data.normalize` if present, else `default_normalize`."""
+    """The given callable, else the data pipeline's default `pflm.data.normalize.Normalizer()`, else
+    `default_normalize` (same rules without Unicode folding) when the pipeline is not installed.
+
+    For sentences from a prepared data directory pass `FederatedData.normalizer` (the dataset's exact settings).
+    """
     if normalize is not None:
         return normalize
     try:
-        import pflm.data.normalize as mod  # written by the data pipeline
+        from pflm.data.normalize import Normalizer
     except ImportError:
         return default_normalize
-    for name in ("normalize", "normalize_text"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    return default_normalize
+    return Normalizer()
 
 
 @dataclass
@@ -70,7 +70,6 @@ class GenerationConfig:
     nbest: int = 50
     workers: int = 2
     max_raw_hyps: int = 2000  # stop walking the lattice's N-best after this many (mostly duplicate) paths
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
@@ -114,7 +113,6 @@ def cache_key(text: str, cfg: GenerationConfig, versions: dict[str, str]) -> str
         "nbest": cfg.nbest,
         "max_raw_hyps": cfg.max_raw_hyps,
         "decoder": DECODER_CONFIG,
-        "extra": cfg.extra,
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode("utf-8")).hexdigest()
@@ -310,6 +308,7 @@ def generate_nbest_with_stats(
         )
     path = write_nbest(out_path, utts)
     stats.wall_seconds = time.perf_counter() - t_start
+    log.info("N-best for %d utterances -> %s (%d cached, %d decoded)", len(utts), path, stats.cached, stats.decoded)
     return path, stats
 
 

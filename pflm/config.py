@@ -149,6 +149,8 @@ class ServerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-3
+    init_output_bias: Literal["prior", "zero"] = "prior"  # start the output bias at log of the public prior
+    lora_merge_every: int = 0  # with LoRA: fold adapters into the base weights every N rounds (0 = never)
     eval_every: int = 5  # validation perplexity every N rounds (and at the end)
     checkpoint_every: int = 5
 
@@ -159,6 +161,7 @@ class ServerConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "server.beta1/beta2 must be in [0, 1)")
         _check(self.adam_eps > 0, "server.adam_eps must be > 0")
         _check(self.eval_every >= 1, "server.eval_every must be >= 1")
+        _check(self.lora_merge_every >= 0, "server.lora_merge_every must be >= 0 (0 = never)")
         _check(self.checkpoint_every >= 1, "server.checkpoint_every must be >= 1")
 
 

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -82,12 +83,12 @@ def _metrics(cfg) -> list[dict]:
 
 
 def test_loop_grid_matches_inprocess(synthetic_data, tmp_path):
-    cfg = _cfg(synthetic_data, tmp_path / "fl")
+    extra = {"device.loss": "sampled_softmax", "device.num_samples": 32}  # noise words: per-(round, user) RNG
+    cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
     FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
-    ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **{"server.rounds": 2, "server.cohort_size": 8}))
+    extra.update({"server.rounds": 2, "server.cohort_size": 8})
+    ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **extra))
     Simulator(ref).run(progress=False)
-    from safetensors.torch import load_file
-
     a, b = load_file(str(cfg.run_dir / "model.safetensors")), load_file(str(ref.run_dir / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -136,3 +137,16 @@ def test_partition_setup_errors(synthetic_data, tmp_path):
         FlowerSimulator(two, LoopGrid([0, 1], 3)).discover()
     with pytest.raises(PflmError, match="only 2 of flower.num_supernodes=3"):
         FlowerSimulator(cfg, LoopGrid([0, 1], 2), node_wait=0.3).discover()
+
+
+def test_secure_aggregation_through_flower_matches_inprocess(synthetic_data, tmp_path):
+    extra = {"server.rounds": 1, "server.cohort_size": 6, "aggregation.kind": "secure"}
+    cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
+    FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
+    extra.pop("flower.num_supernodes", None)
+    ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **extra))
+    Simulator(ref).run(progress=False)
+    a, b = load_file(str(cfg.run_dir / "model.safetensors")), load_file(str(ref.run_dir / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert _metrics(cfg)[0]["contributors"] == 6

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import data_prep.nbest as nbest_mod
 from data_prep.nbest import GenerationConfig, default_normalize, generate_nbest, generate_nbest_with_stats
 from pflm.cli import main
 from pflm.errors import ConfigError
@@ -32,7 +33,7 @@ def test_config_validation():
 
 
 @needs_tools
-def test_generate_decode_and_cache(tmp_path, capsys):
+def test_generate_decode_and_cache(tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     out, stats = generate_nbest_with_stats(SENTENCES, tmp_path / "nb.jsonl", voice="slt", nbest=5, cache_dir=cache, workers=2)
     assert (stats.decoded, stats.cached) == (2, 0)
@@ -52,8 +53,15 @@ def test_generate_decode_and_cache(tmp_path, capsys):
     assert sum(e for e, _ in errs) / sum(n for _, n in errs) < 0.5
 
     first = out.read_text()
-    out2, stats2 = generate_nbest_with_stats(SENTENCES, tmp_path / "nb2.jsonl", nbest=5, cache_dir=cache)
-    assert (stats2.decoded, stats2.cached) == (0, 2) and stats2.wall_seconds < 2.0
+    # second call: served from the cache, nothing is synthesized or decoded
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(nbest_mod, "_work", no_decoding)
+        m.setattr(nbest_mod, "_run_parallel", no_decoding)
+        out2, stats2 = generate_nbest_with_stats(SENTENCES, tmp_path / "nb2.jsonl", nbest=5, cache_dir=cache)
+    assert (stats2.decoded, stats2.cached) == (0, 2)
     assert out2.read_text() == first
     # a different voice is a different cache key
     _, stats3 = generate_nbest_with_stats(SENTENCES[:1], tmp_path / "nb3.jsonl", voice="kal16", nbest=5, cache_dir=cache, workers=1)
@@ -76,3 +84,13 @@ def test_custom_normalizer_applies_to_refs_and_hyps(tmp_path):
     u = read_nbest(out)[0]
     assert u.ref == "WHAT DO YOU LIKE TO DO?"
     assert all(h.text == h.text.upper() for h in u.nbest)
+
+
+def test_default_normalizer_is_the_data_pipelines():
+    from data_prep.nbest import resolve_normalize
+    from pflm.data.normalize import Normalizer
+
+    norm = resolve_normalize(None)
+    assert isinstance(norm, Normalizer)
+    for s in ["I haven't  seen YOU, 'ok'?", "Don\u2019t -- stop!!", "rock'n'roll's fine"]:
+        assert norm(s) == default_normalize(s)

@@ -101,6 +101,8 @@ def test_nbest_cli_reads_the_federated_store(tmp_path, monkeypatch, capsys):
     calls = {}
 
     class FakeStore:
+        normalizer = staticmethod(str.upper)
+
         @classmethod
         def open(cls, path):
             calls["open"] = path
@@ -132,7 +134,7 @@ def test_nbest_cli_reads_the_federated_store(tmp_path, monkeypatch, capsys):
     assert rc == 0
     assert calls["open"] == str(tmp_path) and calls["split"] == "dev"
     assert len(calls["sentences"]) == 4 and all(u.startswith("dev-") for u, _ in calls["sentences"])
-    assert calls["kw"]["voice"] == "awb"
+    assert calls["kw"]["voice"] == "awb" and calls["kw"]["normalize"] is str.upper
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2:] == ["first_pass_wer: 0.0000", "oracle_wer: 0.0000"]
 

@@ -16,8 +16,8 @@ import pflm
 from pflm.data.load import load_table, select_columns
 from pflm.data.normalize import Normalizer, NormalizerConfig
 from pflm.data.partition import SPLITS, PartitionConfig, partition
-from pflm.data.store import FORMAT_VERSION, MANIFEST, TOKEN_COUNTS, StoreWriter
-from pflm.data.tokenizer import MODEL_TYPES, TokenizerConfig, max_word_vocab, train_tokenizer
+from pflm.data.store import FORMAT_VERSION, MANIFEST, PRIOR_COUNTS, TOKEN_COUNTS, StoreWriter
+from pflm.data.tokenizer import MODEL_TYPES, PUBLIC_WORDFREQ, TokenizerConfig, max_word_vocab, public_prior_counts, train_tokenizer
 from pflm.errors import ConfigError, DataError
 from pflm.io_utils import atomic_directory, atomic_write_json
 
@@ -148,6 +148,11 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
             if name == "train":
                 assert writer.token_counts is not None
                 np.save(tmp / TOKEN_COUNTS, writer.token_counts)
+        if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ:
+            np.save(tmp / PRIOR_COUNTS, public_prior_counts(tok, norm))
+            prior = {"path": PRIOR_COUNTS, "computed_from": "public word list (wordfreq); no user data"}
+        else:
+            prior = {"path": TOKEN_COUNTS, "computed_from": "train users' tokens (assumed public, see docs/peu.md)"}
         manifest = {
             "format_version": FORMAT_VERSION,
             "pflm_version": pflm.__version__,
@@ -160,11 +165,13 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
                 "path": "tokenizer.model", "model_type": tok.model_type, "vocab_size": tok.vocab_size,
                 "pad_id": tok.pad_id, "unk_id": tok.unk_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "byte_fallback": cfg.tokenizer.byte_fallback,
-                "trained_on": ("file:" + str(cfg.tokenizer.tokenizer_input)) if cfg.tokenizer.tokenizer_input
+                "trained_on": ("public word list (wordfreq)" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ
+                               else "file:" + str(cfg.tokenizer.tokenizer_input)) if cfg.tokenizer.tokenizer_input
                 else "train users",
                 "max_word_vocab_supported": max_vocab,
             },
             "token_counts": {"path": TOKEN_COUNTS, "computed_from": "train users' tokens"},
+            "prior": prior,
             "splits": {n: {**split_stats[n], "data": f"{n}/data.arrow", "index": f"{n}/index.arrow"}
                        for n in SPLITS},
         }
@@ -247,7 +254,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-type", choices=MODEL_TYPES, default=None, help="SentencePiece model (default word)")
     p.add_argument("--byte-fallback", action="store_true", help="unigram/bpe: spell unseen characters as bytes")
     p.add_argument("--tokenizer-input", default=None,
-                   help="public text file to train the tokenizer on instead of the train users' text")
+                   help="public text file to train the tokenizer on instead of the train users' text, or 'wordfreq' for a public English word list (word model; also gives a public PEU/NCE prior)")
     p.add_argument("--partition", choices=("natural", "iid", "dirichlet"), default=None,
                    help="natural (user column) or synthetic users; default natural if users are known, else iid")
     p.add_argument("--num-users", type=int, default=None, help="iid/dirichlet users; or users to generate "

@@ -40,6 +40,7 @@ DATA_FILE = "data.arrow"
 INDEX_FILE = "index.arrow"
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.npy"
+PRIOR_COUNTS = "prior_counts.npy"  # public frequency prior (only when the vocabulary came from a public list)
 DATA_SCHEMA = pa.schema([("user", pa.string()), ("text", pa.string()), ("tokens", pa.list_(pa.int32()))])
 INDEX_SCHEMA = pa.schema([("user", pa.string()), ("offset", pa.int64()), ("count", pa.int64())])
 
@@ -245,6 +246,20 @@ class FederatedData:
         if not f.is_file():
             raise DataError(f"{f} missing; re-run `pflm prepare`")
         return np.load(f)
+
+    def prior_counts(self) -> np.ndarray:
+        """The frequency prior the server may use for PEU row choice and the NCE noise distribution:
+        a public list's frequencies when the dataset was prepared with one, else the train token counts
+        (which then must be treated as public; see docs/peu.md)."""
+        info = self.manifest.get("prior", {"path": TOKEN_COUNTS})
+        f = self.path / info["path"]
+        if not f.is_file():
+            raise DataError(f"{f} missing; re-run `pflm prepare`")
+        return np.load(f).astype(np.float64)
+
+    @property
+    def prior_source(self) -> str:
+        return self.manifest.get("prior", {}).get("computed_from", "train users' tokens")
 
     @property
     def vocab_size(self) -> int:

@@ -34,6 +34,7 @@ import sentencepiece as spm
 from pflm.errors import ConfigError, DataError
 
 MODEL_TYPES = ("word", "unigram", "bpe")
+PUBLIC_WORDFREQ = "wordfreq"  # --tokenizer-input wordfreq: public English word list (data_prep/wordfreq_vocab.py)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NUM_SPECIAL = 4
 MAX_PIECE_CHARS = 512  # SentencePiece's own upper bound for max_sentencepiece_length
@@ -200,6 +201,8 @@ def train_tokenizer(
     place of SentencePiece's own input_sentence_size/shuffle_input_sentence, so the vocab-limit check and the
     trainer see the same text."""
     out_dir = Path(out_dir)
+    if cfg.tokenizer_input == PUBLIC_WORDFREQ:
+        return _train_from_public_counts(cfg, out_dir, seed, normalize)
     if cfg.tokenizer_input:
         source = f"--tokenizer-input {cfg.tokenizer_input}"
         lines = _public_sentences(cfg.tokenizer_input)
@@ -243,3 +246,41 @@ def train_tokenizer(
             ) from None
         raise DataError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
     return Tokenizer(prefix.with_suffix(".model"))
+
+
+def _train_from_public_counts(
+    cfg: TokenizerConfig, out_dir: Path, seed: int, normalize: Callable[[str], str] | None
+) -> Tokenizer:
+    """Word vocabulary = the most frequent words of a public word list (no user text involved)."""
+    from data_prep.wordfreq_vocab import public_word_counts
+
+    if cfg.model_type != "word":
+        raise ConfigError("--tokenizer-input wordfreq builds a word vocabulary; use --model-type word")
+    counts = public_word_counts(cfg.vocab_size + 16, normalize)
+    tsv = out_dir / "public_words.tsv"
+    with open(tsv, "w", encoding="utf-8") as f:
+        for w, c in counts:
+            f.write(f"{w}\t{c}\n")
+    prefix = out_dir / "tokenizer"
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        input=str(tsv), input_format="tsv", model_prefix=str(prefix), model_type="word", vocab_size=cfg.vocab_size,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=cfg.num_threads,
+        hard_vocab_limit=True, character_coverage=1.0, minloglevel=2, max_sentencepiece_length=MAX_PIECE_CHARS,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=True,
+    )
+    tsv.unlink()
+    return Tokenizer(prefix.with_suffix(".model"))
+
+
+def public_prior_counts(tokenizer: Tokenizer, normalize: Callable[[str], str] | None = None) -> "object":
+    """Per-id public frequency prior (numpy float64 [V]) from the public word list, for PEU/NCE."""
+    import numpy as np
+
+    from data_prep.wordfreq_vocab import public_word_counts
+
+    counts = dict(public_word_counts(tokenizer.vocab_size + 16, normalize))
+    prior = np.zeros(tokenizer.vocab_size, dtype=np.float64)
+    for i in range(NUM_SPECIAL, tokenizer.vocab_size):
+        prior[i] = counts.get(tokenizer.id_to_piece(i).lstrip("\u2581"), 0)
+    return prior

@@ -27,7 +27,7 @@ class Entry:
 
 
 def trainable_names(model: nn.Module, lora_rank: int, train_embeddings: bool) -> list[str]:
-    """LoRA on: adapters (+ vocab parameters if train_embeddings). LoRA off: every parameter."""
+    """LoRA on: adapters (+ vocab parameters if train_embeddings). LoRA off: every parameter. Sorted by name."""
     vocab = set(model.vocab_parameters())
     names = []
     for name, _ in model.named_parameters():
@@ -37,7 +37,7 @@ def trainable_names(model: nn.Module, lora_rank: int, train_embeddings: bool) ->
                 names.append(name)
         else:
             names.append(name)
-    return names
+    return sorted(names)  # by name: nn.LSTM and Opacus' DPLSTM list their parameters in different orders
 
 
 class Layout:

@@ -76,7 +76,7 @@ class RescoreConfig:
         for a in self.alpha_grid:
             betas = self.beta_grid if self.beta_grid is not None else tuple(a * g for g in self.beta_per_alpha)
             for b in betas:
-                out[(a, round(b, 12))] = None
+                out[(a, round(b, 12) + 0.0)] = None  # + 0.0 turns -0.0 into 0.0
         return list(out)
 
 

@@ -154,12 +154,14 @@ def run_nbest(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num {args.num} must be >= 1")
+    normalize = resolve_normalize(None)
     if args.sentences:
         sentences = _sentences_from_file(Path(args.sentences))[: args.num]
     elif args.data:
         from pflm.data.store import FederatedData
 
         fd = FederatedData.open(args.data)
+        normalize = getattr(fd, "normalizer", None) or normalize  # the dataset's exact normalisation settings
         sentences = select_sentences(
             list(fd.users(args.split)),
             lambda u: fd.user_texts(args.split, u),
@@ -177,7 +179,7 @@ def run_nbest(args: argparse.Namespace) -> int:
         voice=args.voice,
         nbest=args.nbest,
         cache_dir=args.cache_dir or DEFAULT_CACHE_DIR,
-        normalize=resolve_normalize(None),
+        normalize=normalize,
         workers=args.workers,
     )
     utts = read_nbest(path)

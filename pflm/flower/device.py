@@ -54,7 +54,7 @@ def node_state(recipe_json: str, population: int, data_dir: str | None = None) -
         if not path or not Path(path).is_dir():
             raise PflmError(f"prepared data dir {path!r} not found on this node; set --node-config 'data-dir=\"DIR\"'")
         fd = FederatedData.open(path)
-        trainer = DeviceTrainer(cfg, fd.tokenizer.vocab_size, fd.token_counts())
+        trainer = DeviceTrainer(cfg, fd.tokenizer.vocab_size, fd.prior_counts())  # as Simulator does
         st = NodeState(cfg, fd, trainer, DevicePostprocessing(PrivacySetup(cfg, population).postprocessors))
         _NODE_CACHE.clear()  # one recipe per process at a time: free the previous run's model
         _NODE_CACHE[key] = st

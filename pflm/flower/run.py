@@ -8,6 +8,7 @@ its dashboard; Flower's telemetry is switched off.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pflm.config import RecipeConfig
@@ -44,6 +45,8 @@ def run_flower(cfg: RecipeConfig, progress: bool = True) -> dict:
     """Train `cfg` on Flower's simulation runtime; return the same summary dict as `Simulator.run`."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # flwr has its own console handler; a root handler installed by a dependency would print every DEBUG line twice
+    logging.getLogger("flwr").propagate = False
     from flwr.simulation import run_simulation
 
     from pflm.flower.client_app import app as client_app

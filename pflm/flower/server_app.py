@@ -71,6 +71,8 @@ class FlowerSimulator(Simulator):
             if pid in parts:
                 raise PflmError(f"two SuperNodes claim partition-id={pid}; give each node its own partition-id")
             parts[pid] = rep.metadata.src_node_id
+        if not sizes:
+            raise PflmError("no SuperNode answered the partition query; check the SuperNodes' logs and --node-config")
         if len(sizes) != 1:
             raise PflmError(f"SuperNodes disagree on num-partitions ({sorted(sizes)}); use the same value on every node")
         n = sizes.pop()

@@ -73,9 +73,12 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.features(tokens)
-        if self.output is None and getattr(self, "autograd_grad_sample_hooks", None) and torch.is_grad_enabled():
+        if (self.output is None and self.training and torch.is_grad_enabled()
+                and getattr(self, "autograd_grad_sample_hooks", None)):
             # Opacus hooks are attached (GradSampleModule): keep the features for the tied-head grad sampler.
-            self.__dict__.setdefault("_dp_feature_stack", []).append(h.detach())
+            stack = self.__dict__.setdefault("_dp_feature_stack", [])
+            stack.append(h.detach())
+            del stack[:-64]  # bounded if hooks are disabled and no backward pops it
         return self.logits(h)
 
     def vocab_parameters(self) -> dict[str, int]:

@@ -47,6 +47,11 @@ class ServerOptimizer:
                 st["v"][rows] = v
                 p.index_add_(0, rows, m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
 
+    def reset(self, names: list[str]) -> None:
+        """Forget the moments of these parameters (e.g. LoRA adapters that were just restarted)."""
+        for n in names:
+            self.state.pop(n, None)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, st in self.state.items():

@@ -18,6 +18,7 @@ from pflm.device.layout import Layout, trainable_names
 from pflm.device.trainer import build_device_model
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.setup import PrivacySetup
+from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
 from pflm.server.peu import RowSelector
 from pflm.server.sampling import sample_cohort
@@ -45,11 +46,26 @@ class FederatedServer:
         self.vocab_names = set(self.model.vocab_parameters())
         names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
         self.global_layout = Layout(self.model, names)
+        if cfg.server.init_output_bias == "prior" and prior_counts is not None:
+            self._init_bias_from_prior(np.asarray(prior_counts, dtype=np.float64))
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
         self.privacy = PrivacySetup(cfg, population)
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
         self.rounds_done = 0
+
+    @torch.no_grad()
+    def _init_bias_from_prior(self, prior: np.ndarray) -> None:
+        """Output bias = log unigram prior (add-one), so rows no device ever trains (PEU) keep a sensible
+        probability under the full softmax instead of a uniform share. Uses only the public prior."""
+        if prior.shape != (self.vocab_size,):
+            return
+        p = prior.copy()
+        p[:3] = 0.0
+        p[3] = p.sum() / 10.0  # </s>: about one sentence end per ten words
+        logp = np.log((p + 1.0) / (p + 1.0).sum())
+        logp[0] = logp[2] = -30.0  # pad and <s> are never predicted
+        self.model.output_bias().copy_(torch.as_tensor(logp, dtype=torch.float32))
 
     # ---- round planning -------------------------------------------------------------------------------------
     def plan_round(self, round_idx: int) -> RoundPlan:
@@ -88,6 +104,10 @@ class FederatedServer:
         metrics["update_norm"] = float(avg.norm())
         self._apply(avg, plan.rows)
         metrics.update(self.privacy.account_round())
+        every = self.cfg.server.lora_merge_every
+        if every and self.cfg.model.lora.rank > 0 and (plan.round + 1) % every == 0:
+            fold_and_restart(self.model, self.cfg.seed, plan.round)
+            self.optimizer.reset([n for n in self.params if "lora_" in n])
         self.rounds_done = plan.round + 1
         return metrics
 

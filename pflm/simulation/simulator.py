@@ -77,7 +77,7 @@ class Simulator:
                 f"server.cohort_size={cfg.server.cohort_size} exceeds the {self.population} training users; "
                 "lower the cohort or prepare more users"
             )
-        counts = self.fd.token_counts()
+        counts = self.fd.prior_counts()  # public prior: PEU row choice and the NCE noise distribution
         self.run_dir = cfg.run_dir
         self._check_compatible_run()
         self.server = FederatedServer(cfg, self.vocab_size, self.population, counts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -31,15 +32,19 @@ def split(secret: int, xs: Sequence[int], threshold: int) -> dict[int, int]:
 
 @lru_cache(maxsize=4096)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    coeffs = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(coeffs)
+    """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod p. The x's are small, so products stay exact integers and
+    one batched modular inverse (Montgomery's trick) serves all denominators."""
+    total = math.prod(xs)
+    dens = [math.prod(xj - xi for xj in xs if xj != xi) % PRIME for xi in xs]
+    prefix = [1]
+    for d in dens:
+        prefix.append(prefix[-1] * d % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    inverses = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        inverses[i] = inv * prefix[i] % PRIME
+        inv = inv * dens[i] % PRIME
+    return tuple((total // xi) % PRIME * w % PRIME for xi, w in zip(xs, inverses))
 
 
 def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
