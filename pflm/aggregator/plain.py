@@ -17,7 +17,7 @@ class PlainSumAggregator(Aggregator):
 
     def begin(self, ctx: RoundContext) -> None:
         self._ctx = ctx
-        self._total = torch.zeros(ctx.dim, dtype=torch.float64)
+        self._total = torch.zeros(ctx.dim, dtype=torch.float32)
         self._weight = 0.0
         self._count = 0
         self._aux: dict[str, float] = {}
@@ -32,7 +32,7 @@ class PlainSumAggregator(Aggregator):
         if device_id in self._seen:
             raise AggregationFailed(f"device {device_id} sent two updates in round {self._ctx.round}")
         self._seen.add(device_id)
-        self._total += update.reshape(-1).to(torch.float64)
+        self._total.add_(update.reshape(-1))
         self._weight += float(weight)
         self._count += 1
         for k, v in (aux or {}).items():
@@ -42,4 +42,4 @@ class PlainSumAggregator(Aggregator):
         assert self._total is not None
         if self._count == 0:
             raise AggregationFailed("no device contributed an update this round")
-        return AggregateResult(self._total.to(torch.float32), self._weight, self._count, dict(self._aux))
+        return AggregateResult(self._total, self._weight, self._count, dict(self._aux))

@@ -1,22 +1,68 @@
-"""Turn one user's token lists into padded next-token batches in the device's local (PEU) id space."""
+"""Turn one user's token lists into padded next-token batches in the device's local (PEU) id space.
+
+`device_setup` + `device_batches` are THE definition of what a simulated device trains on in one round
+(sentence subset, order, batch shapes); the trainer and the speed benchmark's plain-torch floor both use them,
+so the floor trains on exactly the same token batches as the federated round.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+DEVICE_STREAM = 0xD0  # tag of the per-(seed, round, user) random stream of local training
 
 
 def pack_sentences(sentences: list[list[int]], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, L+1] int64 sequences `<s> w1..wL </s>` (padded with 0) and their lengths (tokens incl. <s>, </s>)."""
-    seqs = [[BOS, *s[:max_tokens], EOS] for s in sentences]
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    width = int(lengths.max()) if len(seqs) else 2
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
+    n = len(sentences)
+    lens = np.fromiter((min(len(s), max_tokens) for s in sentences), dtype=np.int64, count=n)
+    lengths = torch.from_numpy(lens + 2)
+    width = int(lens.max()) + 2 if n else 2
+    out = np.zeros((n, width), dtype=np.int64)
+    out[:, 0] = BOS
+    for i, s in enumerate(sentences):
+        k = int(lens[i])
+        out[i, 1 : k + 1] = s[:k]
+    out[np.arange(n), lens + 1] = EOS
     return torch.from_numpy(out), lengths
+
+
+def device_setup(
+    sentences: list[list[int]], seed: int, round_idx: int, user_id: int, max_sentences: int, max_tokens: int
+) -> tuple[np.random.Generator, torch.Generator, torch.Tensor, torch.Tensor]:
+    """The device's random streams and its packed training sentences for one round.
+
+    Returns (rng, gen, seqs, lengths): `rng` (numpy) drives the sentence subset and batch order, `gen` (torch)
+    the loss' noise draws; both depend only on (seed, round, user). At most `max_sentences` sentences (0 = all)
+    are kept, chosen by `rng` and kept in their original order.
+    """
+    rng = np.random.default_rng([seed, round_idx, user_id, DEVICE_STREAM])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    if max_sentences and len(sentences) > max_sentences:
+        keep = rng.choice(len(sentences), max_sentences, replace=False)
+        sentences = [sentences[i] for i in sorted(keep)]
+    seqs, lengths = pack_sentences(sentences, max_tokens)
+    return rng, gen, seqs, lengths
+
+
+def device_batches(
+    seqs: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator, epochs: int, batch_size: int, local_vocab: "LocalVocab"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs, targets, mask) of each local SGD step: a fresh permutation per epoch, batches of `batch_size`
+    sentences trimmed to their longest member; batches without any valid target are skipped."""
+    n = int(seqs.shape[0])
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(n))
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            inputs, targets, mask = local_vocab.batch(seqs[idx], lengths[idx])
+            if not bool(mask.any()):
+                continue
+            yield inputs, targets, mask
 
 
 class LocalVocab:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from pflm.config import RecipeConfig
-from pflm.device.batching import LocalVocab, pack_sentences
+from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.device.layout import Layout, trainable_names
 from pflm.model.factory import build_model
 from pflm.model.losses import UnigramSampler, full_softmax_loss, nce_loss, sampled_softmax_loss
@@ -66,6 +67,17 @@ class DeviceTrainer:
         self.sampler: UnigramSampler | None = None
         self.round = -1
 
+    @torch.no_grad()
+    def _delta(self) -> torch.Tensor:
+        """Flat float32 (trained - start) of the trainable tensors in layout order, written in one pass each."""
+        update = torch.empty(self.layout.dim, dtype=torch.float32)
+        off = 0
+        for p, p0 in zip(self.trainable, self._start):
+            n = p.numel()
+            torch.sub(p.detach(), p0, out=update[off : off + n].view_as(p))
+            off += n
+        return update
+
     def parameter_count(self) -> int:
         return self.layout.dim
 
@@ -95,6 +107,19 @@ class DeviceTrainer:
         fn = sampled_softmax_loss if kind == "sampled_softmax" else nce_loss
         return fn(feats, m.output_weight(), m.output_bias(), targets, mask, self.sampler, self.cfg.device.num_samples, generator=gen)
 
+    def _batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Mean loss over the batch's valid target tokens (= token-weighted mean of `_loss`'s per-sentence means).
+
+        The full softmax takes a direct path: logits only at the valid positions, one cross entropy, no
+        per-sentence bookkeeping."""
+        if self.cfg.device.loss == "full":
+            m = self.model
+            feats = m.features(inputs)
+            return F.cross_entropy(F.linear(feats[mask], m.output_weight(), m.output_bias()), targets[mask])
+        per_seq = self._loss(inputs, targets, mask, gen)
+        ntok = mask.sum(1)
+        return (per_seq * ntok).sum() / ntok.sum()
+
     def train(self, user_id: int, sentences: list[list[int]]) -> DeviceResult:
         """Local training on one user's sentences (token ids, no <s>/</s>); returns the delta."""
         t0 = time.perf_counter()
@@ -103,43 +128,32 @@ class DeviceTrainer:
             for p, p0 in zip(self.trainable, self._start):
                 p.copy_(p0)
         self.optimizer.state.clear()
-        rng = np.random.default_rng([cfg.seed, self.round, user_id, 0xD0])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        if cfg.data.max_sentences_per_device and len(sentences) > cfg.data.max_sentences_per_device:
-            keep = rng.choice(len(sentences), cfg.data.max_sentences_per_device, replace=False)
-            sentences = [sentences[i] for i in sorted(keep)]
-        seqs, lengths = pack_sentences(sentences, cfg.data.max_tokens)
+        rng, gen, seqs, lengths = device_setup(
+            sentences, cfg.seed, self.round, user_id, cfg.data.max_sentences_per_device, cfg.data.max_tokens
+        )
         n = seqs.shape[0]
         self.model.train()
         total_loss, total_tok, steps = 0.0, 0, 0
         if self.dpsgd is not None:
             total_loss, total_tok, steps = self.dpsgd.train(seqs, lengths, rng, gen)
         else:
-            for _ in range(d.epochs):
-                order = torch.from_numpy(rng.permutation(n))
-                for s in range(0, n, d.batch_size):
-                    idx = order[s : s + d.batch_size]
-                    inputs, targets, mask = self.local_vocab.batch(seqs[idx], lengths[idx])
-                    ntok = mask.sum(1)
-                    if int(ntok.sum()) == 0:
-                        continue
-                    per_seq = self._loss(inputs, targets, mask, gen)
-                    loss = (per_seq * ntok).sum() / ntok.sum()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    total_loss += float(loss.detach()) * int(ntok.sum())
-                    total_tok += int(ntok.sum())
-                    steps += 1
-        with torch.no_grad():
-            update = torch.cat([(p - p0).reshape(-1) for p, p0 in zip(self.trainable, self._start)])
+            for inputs, targets, mask in device_batches(seqs, lengths, rng, d.epochs, d.batch_size, self.local_vocab):
+                loss = self._batch_loss(inputs, targets, mask, gen)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                ntok = int(mask.sum())
+                total_loss += float(loss.detach()) * ntok
+                total_tok += ntok
+                steps += 1
+        update = self._delta()
         num_tokens = int((lengths - 1).sum())
         weight = 1.0 if cfg.server.weighting == "uniform" else float(num_tokens)
         metrics = {"local_steps": steps}
         if self.dpsgd is not None:
             metrics.update(self.dpsgd.last_metrics)
         return DeviceResult(
-            update=update.float(),
+            update=update,
             weight=weight,
             num_tokens=num_tokens,
             num_sentences=n,

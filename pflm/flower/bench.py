@@ -19,11 +19,15 @@ import time
 from pathlib import Path
 
 from pflm.config import load_recipe
+from pflm.errors import PflmError
 from pflm.io_utils import atomic_write_json
 
 
 def _stats(run_dir: Path, cohort: int, wall: float) -> dict:
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    bad = [m["round"] for m in rounds if "failed" in m or m.get("contributors") != cohort]
+    if bad:  # a round without the whole cohort is not a timing of the recipe
+        raise PflmError(f"{run_dir}: rounds {bad} did not aggregate all {cohort} devices; see metrics.jsonl")
     secs = [m["seconds"] for m in rounds]
     steady = secs[1:] or secs
     mean = statistics.fmean(steady)

@@ -1,0 +1,151 @@
+"""Benchmark on-device DP-SGD: local step time and peak memory, DP-SGD (ghost, hooks) vs plain SGD, large vocab.
+
+Each configuration runs in a fresh subprocess (peak RSS = that process's VmHWM), with glibc malloc told to keep
+big per-sample tensors mapped (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, see /work/shared/NOTES.md).
+The device trains synthetic Zipf-distributed sentences through the real `DeviceTrainer` (same code path as the
+simulator). Configurations: PEU top-k rows + LoRA (the recipe's setting) and the full vocabulary.
+
+    python scripts/bench_dpsgd.py --vocab 50000 --k 2000 --devices 6
+prints one JSON object: per configuration the median step time (s), per-device setup (s), steps and peak RSS (MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+CONFIGS = {  # name -> (dpsgd mode or None, PEU on, fused LSTM when no DP)
+    "nodp_peu_lora": (None, True),
+    "ghost_peu_lora": ("ghost", True),
+    "hooks_peu_lora": ("hooks", True),
+    "nodp_full_lora": (None, False),
+    "ghost_full_lora": ("ghost", False),
+    "hooks_full_lora": ("hooks", False),
+}
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _ensure_single_lora() -> None:
+    """`build_model` applies LoRA itself; older `build_device_model` applied it again (ConfigError). Neutralise the
+    second call only if it is still there (the fix belongs in pflm/device/trainer.py)."""
+    import pflm.device.trainer as trainer_mod
+
+    if "apply_lora(model" in open(trainer_mod.__file__, encoding="utf-8").read():
+        trainer_mod.apply_lora = lambda model, lora: model  # type: ignore[attr-defined]
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    _ensure_single_lora()
+    from pflm.config import load_recipe
+    from pflm.device.trainer import DeviceTrainer
+
+    mode, peu = CONFIGS[args.child]
+    over = [
+        "model.embedding_dim=256", "model.hidden_dim=512", f"model.lora.rank={args.lora_rank}",
+        "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
+        f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
+        f"dpsgd.grad_sample_mode={mode or 'hooks'}", "dpsgd.noise_multiplier=1.0", "dpsgd.max_grad_norm=1.0",
+        f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", "data.max_tokens=30",
+    ]
+    cfg = load_recipe(None, over)
+    rng = np.random.default_rng(0)
+    counts = (1.0 / np.arange(1, args.vocab + 1) ** 1.1) * 1e7  # Zipf prior; ids 0-3 are specials
+    counts[:4] = 0
+    t0 = time.perf_counter()
+    trainer = DeviceTrainer(cfg, args.vocab, counts)
+    build_s = time.perf_counter() - t0
+    rows = torch.arange(args.k) if peu else None  # the k most frequent ids (specials included)
+    trainer.load_round(0, trainer.model.state_dict(), rows)
+    p = counts[4:] / counts[4:].sum()
+
+    def device_sentences() -> list[list[int]]:
+        lens = rng.integers(8, args.seq + 1, size=args.sentences)
+        return [list(rng.choice(len(p), size=int(n), p=p) + 4) for n in lens]
+
+    step_times, setups, steps = [], [], []
+    for d in range(args.devices + 1):
+        sents = device_sentences()
+        t = time.perf_counter()
+        res = trainer.train(d, sents)
+        dt = time.perf_counter() - t
+        if d == 0:
+            continue  # warm-up device
+        n_steps = int(res.metrics["local_steps"])
+        if n_steps:
+            step_times.append(dt / n_steps)
+        steps.append(n_steps)
+        setups.append(float(res.metrics.get("device_dp_setup_seconds", 0.0)))
+    trainable = sum(p.numel() for p in trainer.trainable)
+    return {
+        "config": args.child, "mode": mode or "none", "peu_k": args.k if peu else args.vocab, "vocab": args.vocab,
+        "median_step_s": statistics.median(step_times), "min_step_s": min(step_times),
+        "max_step_s": max(step_times), "mean_steps_per_device": statistics.mean(steps),
+        "median_device_setup_s": statistics.median(setups), "trainer_build_s": build_s,
+        "wrap_s": getattr(trainer.dpsgd, "wrap_seconds", 0.0), "trainable_params": trainable,
+        "peak_rss_mb": _peak_rss_mb(), "threads": args.threads,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=50_000)
+    ap.add_argument("--k", type=int, default=2000, help="PEU rows per round")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sentences", type=int, default=64, help="sentences per device (q = batch / sentences)")
+    ap.add_argument("--seq", type=int, default=20, help="max sentence length")
+    ap.add_argument("--loss", default="full", choices=["full", "sampled_softmax", "nce"])
+    ap.add_argument("--devices", type=int, default=4, help="timed devices per config (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per config subprocess")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return 0
+    env = {**os.environ, **MALLOC_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(args.threads)}
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results = {}
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), *base, "--child", name]
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": f"timeout after {args.timeout:.0f}s"}
+            continue
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+            results[name] = {"error": f"exit {out.returncode}: {tail[0][:300]}"}
+            continue
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[bench_dpsgd] {name}: {results[name]['median_step_s']:.3f} s/step, "
+              f"{results[name]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    load = os.getloadavg()
+    print(json.dumps({"results": results, "loadavg": load, "malloc_env": MALLOC_ENV}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
