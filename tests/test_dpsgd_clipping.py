@@ -52,15 +52,17 @@ def _reference(sim: Simulator, inputs, targets, mask):
     return losses, grads
 
 
-@pytest.mark.parametrize("mode,loss,tied", [
-    ("hooks", "full", False), ("hooks", "sampled_softmax", False), ("hooks", "nce", False),
-    ("hooks", "full", True), ("hooks", "nce", True),
-    ("ghost", "full", False), ("ghost", "sampled_softmax", False), ("ghost", "nce", False),
-    ("functorch", "full", False), ("ew", "full", False),
+@pytest.mark.parametrize("mode,loss,tied,arch", [
+    ("hooks", "full", False, "lstm"), ("hooks", "sampled_softmax", False, "lstm"), ("hooks", "nce", False, "lstm"),
+    ("hooks", "full", True, "lstm"), ("hooks", "nce", True, "lstm"),
+    ("ghost", "full", False, "lstm"), ("ghost", "sampled_softmax", False, "lstm"), ("ghost", "nce", False, "lstm"),
+    ("functorch", "full", False, "lstm"), ("ew", "full", False, "lstm"),
+    ("ghost", "nce", False, "transformer"), ("hooks", "sampled_softmax", True, "transformer"),
 ])
-def test_per_sample_grads_exact_and_clipped(synthetic_data, tmp_path, mode, loss, tied):
+def test_per_sample_grads_exact_and_clipped(synthetic_data, tmp_path, mode, loss, tied, arch):
     sim = make_sim(synthetic_data, tmp_path, **{"dpsgd.grad_sample_mode": mode, "device.loss": loss,
-                                                "model.tie_embeddings": str(tied).lower()})
+                                                "model.tie_embeddings": str(tied).lower(), "model.arch": arch,
+                                                "model.num_layers": 1})
     tr, dp = sim.trainer, sim.trainer.dpsgd
     inputs, targets, mask = _batch(sim)
     ref_losses, ref_grads = _reference(sim, inputs, targets, mask)

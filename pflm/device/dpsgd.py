@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -205,6 +206,9 @@ class DeviceDPSGD:
         if mode == "ew" and tied:
             raise ConfigError("dpsgd.grad_sample_mode=ew does not support tied embeddings; set "
                               "model.tie_embeddings=false or dpsgd.grad_sample_mode=hooks")
+        # The first hooked module (the embedding) takes integer ids, so PyTorch warns on every backward; harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients")
         self.net = _DPNet(trainer)
         kwargs = {"batch_first": True, "loss_reduction": "mean"}
         if mode == "ghost":

@@ -1,0 +1,286 @@
+"""Simulation speed benchmark (issue 10): plain-torch floor vs pflm's federated round, scaling, variants, eval, time to ppl.
+
+    .venv/bin/python scripts/bench.py --preset issue10 [--threads 2] [--sections floor,scaling,variants,eval,ttp]
+
+Prints ONE JSON document. The floor is a plain torch loop (embedding -> nn.LSTM -> Linear on the valid positions,
+cross entropy, SGD) that trains one model on exactly the token batches of one round's cohort, in the same order and
+shapes (built by `pflm.device.batching.device_setup/device_batches`, the functions the device trainer itself uses),
+with no federation. The federated round is `Simulator.run_round` on the same cohort. Compared timings are
+interleaved (floor, round, floor, round, ...) after warm-up, and medians are reported. Timings are only meaningful
+on a quiet machine: the load average at the start and end of each section is recorded next to its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from pflm.config import RecipeConfig, load_recipe
+from pflm.device.batching import LocalVocab, device_batches, device_setup
+from pflm.evaluation.perplexity import evaluate
+from pflm.model.factory import build_model
+from pflm.simulation.simulator import Simulator
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+# The issue-10 workload: chitchat word LM (10k vocab), 1-layer LSTM 128/256, untied softmax, cohort 50,
+# 1 local epoch, batch 16, sentences truncated to 20 tokens, SGD on device, FedAvg, clipping at 0.5, no noise.
+BASE = {
+    "seed": 0, "data.max_tokens": 20, "data.max_sentences_per_device": 0, "model.arch": "lstm",
+    "model.embedding_dim": 128, "model.hidden_dim": 256, "model.num_layers": 1, "model.tie_embeddings": False,
+    "model.dropout": 0.0, "device.epochs": 1, "device.batch_size": 16, "device.lr": 1.0, "device.loss": "full",
+    "server.optimizer": "fedavg", "server.lr": 1.0, "server.cohort_size": 50, "privacy.clip_bound": 0.5,
+    "privacy.noise_multiplier": 0.0,
+}
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "peu_lora_nce": {"peu.mode": "topk", "peu.k": 2000, "model.lora.rank": 8, "model.lora.targets": "[rnn]",
+                     "device.train_embeddings": True, "device.loss": "nce", "device.num_samples": 256},
+    "dpsgd": {"dpsgd.enabled": True, "dpsgd.grad_sample_mode": "ghost", "dpsgd.max_grad_norm": 1.0,
+              "dpsgd.noise_multiplier": 1.0},
+}
+# The fastest recipe for section (g): sampled softmax on device, at most 32 sentences per device and round.
+FAST = {"device.loss": "sampled_softmax", "device.num_samples": 256, "data.max_sentences_per_device": 32}
+
+PRESETS: dict[str, dict] = {
+    "issue10": {"data": "data/chitchat", "model": {}, "cohort": 50, "scaling": [10, 50, 200], "repeats": 3,
+                "scaling_repeats": 2, "variant_cohorts": [10, 50, 200], "eval_users": 40, "eval_repeats": 3,
+                "ttp_rounds": 10, "ttp_eval_every": 2, "ttp_val_users": 30, "ttp_max_rounds": 200},
+    "small": {"data": "data/chitchat", "model": {"model.embedding_dim": 32, "model.hidden_dim": 64}, "cohort": 10,
+              "scaling": [5, 10, 20], "repeats": 2, "scaling_repeats": 1, "variant_cohorts": [5, 10], "eval_users": 10,
+              "eval_repeats": 2, "ttp_rounds": 4, "ttp_eval_every": 2, "ttp_val_users": 10, "ttp_max_rounds": 40},
+    "tiny": {"data": "data/chitchat", "model": {"model.embedding_dim": 16, "model.hidden_dim": 32,
+                                               "data.max_sentences_per_device": 16}, "cohort": 4,
+             "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "eval_users": 3,
+             "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
+}
+SECTIONS = ("floor", "scaling", "variants", "eval", "ttp")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def make_recipe(data_dir: str, out_dir: str, threads: int, *layers: dict) -> RecipeConfig:
+    """A validated recipe from BASE plus override layers (later layers win)."""
+    merged: dict = {**BASE, "threads": threads, "data.dir": data_dir, "output_dir": out_dir, "name": "bench"}
+    for layer in layers:
+        merged.update(layer)
+    ovs = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
+    return load_recipe(None, ovs)
+
+
+def cohort_batches(sim: Simulator, round_idx: int) -> tuple[list[int], list[Batch]]:
+    """The round's cohort and, in device order, every (inputs, targets, mask) its devices train on."""
+    cfg = sim.cfg
+    plan = sim.server.plan_round(round_idx)
+    lv = LocalVocab(sim.vocab_size, plan.rows)
+    batches: list[Batch] = []
+    for user in plan.cohort:
+        rng, _, seqs, lengths = device_setup(sim.fd.user_tokens("train", user), cfg.seed, round_idx, user,
+                                             cfg.data.max_sentences_per_device, cfg.data.max_tokens)
+        batches.extend(device_batches(seqs, lengths, rng, cfg.device.epochs, cfg.device.batch_size, lv))
+    return plan.cohort, batches
+
+
+class Floor:
+    """Plain torch: one LSTM LM and one SGD optimizer, trained over a list of batches; no federation."""
+
+    def __init__(self, sim: Simulator) -> None:
+        cfg = sim.cfg
+        if cfg.model.arch != "lstm" or cfg.model.tie_embeddings or cfg.model.lora.enabled or cfg.dpsgd.enabled \
+                or cfg.device.loss != "full" or cfg.device.optimizer != "sgd" or cfg.device.momentum:
+            raise ValueError("the floor is defined for the untied full-softmax LSTM trained with plain SGD")
+        self.model = build_model(cfg.model, sim.vocab_size)
+        self.model.load_state_dict(sim.server.model.state_dict())
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.device.lr)
+
+    def train(self, batches: list[Batch]) -> float:
+        m, opt = self.model, self.opt
+        m.train()
+        t0 = time.perf_counter()
+        for inputs, targets, mask in batches:
+            h, _ = m.rnn(m.embedding(inputs))
+            loss = F.cross_entropy(m.output(h[mask]), targets[mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+
+def timed_round(sim: Simulator, round_idx: int) -> float:
+    t0 = time.perf_counter()
+    m = sim.run_round(round_idx)
+    if "failed" in m:
+        raise RuntimeError(f"round failed: {m['failed']}")
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Run each fn in turn (a, b, a, b, ...) warmup + repeats times; return the timed repeats per name."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, fn in fns.items():
+            t = fn()
+            if i >= warmup:
+                out[k].append(t)
+    return out
+
+
+def work(batches: list[Batch]) -> dict[str, int]:
+    return {"steps": len(batches), "target_tokens": int(sum(int(b[2].sum()) for b in batches))}
+
+
+def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int) -> dict:
+    cohort, batches = cohort_batches(sim, round_idx)
+    floor = Floor(sim)
+    la = load()
+    t = interleaved({"floor": lambda: floor.train(batches), "round": lambda: timed_round(sim, round_idx)}, warmup, repeats)
+    f, r = statistics.median(t["floor"]), statistics.median(t["round"])
+    w = work(batches)
+    return {"cohort": len(cohort), **w, "floor_seconds": f, "round_seconds": r, "round_over_floor": r / f,
+            "devices_per_second": len(cohort) / r, "floor_devices_per_second": len(cohort) / f,
+            "tokens_per_second": w["target_tokens"] / r, "floor_runs": t["floor"], "round_runs": t["round"],
+            "load_avg": [la, load()]}
+
+
+def variant_speed(mk, variant: str, cohorts: list[int], round_idx: int, floor_secs: dict[int, float]) -> dict:
+    out: dict = {}
+    try:
+        for i, c in enumerate(cohorts):
+            sim = Simulator(mk(VARIANTS[variant], {"server.cohort_size": c}))
+            if i == 0:
+                timed_round(sim, round_idx)  # warm-up (Opacus wrapping, allocator)
+            la = load()
+            secs = timed_round(sim, round_idx)
+            out[str(c)] = {"round_seconds": secs, "devices_per_second": c / secs, "load_avg": [la, load()]}
+            if c in floor_secs:
+                out[str(c)]["over_base_floor"] = secs / floor_secs[c]
+    except Exception as e:  # noqa: BLE001 - report the failure as data, keep the other sections
+        return {"result": None, "error": f"{type(e).__name__}: {e}", "partial": out}
+    return out
+
+
+def eval_speed(sim: Simulator, repeats: int) -> dict:
+    es = sim.val_set
+    evaluate(sim.server.model, es)
+    la = load()
+    secs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        evaluate(sim.server.model, es)
+        secs.append(time.perf_counter() - t0)
+    s = statistics.median(secs)
+    return {"tokens": es.num_tokens, "seconds": s, "tokens_per_second": es.num_tokens / s, "runs": secs,
+            "load_avg": [la, load()]}
+
+
+def train_trace(sim: Simulator, eval_every: int, max_rounds: int, target: float | None, max_seconds: float) -> dict:
+    """Train round by round; validation perplexity every `eval_every` rounds (not counted in train_seconds).
+    Stops at max_rounds, when val ppl <= target, or after max_seconds of training."""
+    trace, train_s, hit = [], 0.0, None
+    for r in range(max_rounds):
+        train_s += timed_round(sim, r)
+        if (r + 1) % eval_every == 0 or r + 1 == max_rounds:
+            ppl = evaluate(sim.server.model, sim.val_set)["perplexity"]
+            trace.append({"round": r + 1, "train_seconds": round(train_s, 3), "val_perplexity": round(ppl, 3)})
+            if target is not None and ppl <= target:
+                hit = {"round": r + 1, "train_seconds": train_s}
+                break
+        if train_s > max_seconds:
+            break
+    return {"trace": trace, "reached": hit, "train_seconds": train_s}
+
+
+def time_to_ppl(mk, p: dict, fast: dict) -> dict:
+    la = load()
+    val = {"data.val_users": p["ttp_val_users"]}
+    full = train_trace(Simulator(mk(val)), p["ttp_eval_every"], p["ttp_rounds"], None, float("inf"))
+    target = full["trace"][-1]["val_perplexity"]
+    full_s = full["train_seconds"]
+    fast_run = train_trace(Simulator(mk(val, fast)), 1, p["ttp_max_rounds"], target, full_s)
+    reached = fast_run["reached"]
+    return {"target_val_perplexity": target, "full_recipe": {"rounds": p["ttp_rounds"], "train_seconds": full_s,
+            "trace": full["trace"]}, "fast_recipe": {"overrides": fast, **fast_run},
+            "speedup": (full_s / reached["train_seconds"]) if reached else None, "load_avg": [la, load()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="issue10", choices=sorted(PRESETS))
+    ap.add_argument("--data", help="a `pflm prepare` directory (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    ap.add_argument("--round", type=int, default=0, help="round index whose cohort is timed")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
+    ap.add_argument("--fast", default="", help="extra k=v overrides of the fast recipe (space separated)")
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    sections = [s for s in args.sections.split(",") if s]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {list(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    fast = dict(FAST)
+    fast.update(dict(kv.split("=", 1) for kv in args.fast.split()))
+    tmp = tempfile.mkdtemp(prefix="pflm_bench_")
+    data = args.data or p["data"]
+
+    def mk(*layers: dict) -> RecipeConfig:
+        return make_recipe(data, tmp, args.threads, p["model"], {"data.val_users": p["eval_users"],
+                           "server.cohort_size": p["cohort"]}, *layers)
+
+    doc: dict = {"preset": args.preset, "data": data, "threads": args.threads, "torch": torch.__version__,
+                 "cpu_count": os.cpu_count(), "round": args.round, "command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
+                 "load_avg_start": list(os.getloadavg()), "recipe": {**BASE, **p["model"], "server.cohort_size": p["cohort"]}}
+    t_all = time.perf_counter()
+    base_sim = Simulator(mk())
+    floor_secs: dict[int, float] = {}
+    if "floor" in sections:
+        res = floor_vs_round(base_sim, args.round, 1, p["repeats"])
+        main_res = dict(res)
+        doc["floor"] = {k: res[k] for k in ("cohort", "steps", "target_tokens", "floor_seconds", "floor_runs")}
+        doc["round"] = {k: res[k] for k in ("round_seconds", "round_runs", "devices_per_second", "tokens_per_second")}
+        doc["round_over_floor"] = res["round_over_floor"]
+        doc["floor_load_avg"] = res["load_avg"]
+        floor_secs[p["cohort"]] = res["floor_seconds"]
+    if "scaling" in sections:
+        doc["scaling"] = {}
+        for c in p["scaling"]:
+            if c == p["cohort"] and "floor" in sections:
+                res = dict(main_res)  # the same measurement as sections (a)-(c)
+            else:
+                res = floor_vs_round(Simulator(mk({"server.cohort_size": c})), args.round, 1, p["scaling_repeats"])
+            res.pop("floor_runs"), res.pop("round_runs")
+            doc["scaling"][str(c)] = res
+            floor_secs[c] = res["floor_seconds"]
+        ratios = [v["round_over_floor"] for v in doc["scaling"].values()]
+        doc["scaling_round_over_floor_spread"] = max(ratios) / min(ratios)
+    if "variants" in sections:
+        doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs)
+                           for v in ("peu_lora_nce", "dpsgd")}
+    if "eval" in sections:
+        doc["eval"] = eval_speed(base_sim, p["eval_repeats"])
+    if "ttp" in sections:
+        doc["time_to_perplexity"] = time_to_ppl(mk, p, fast)
+    doc["load_avg_end"] = list(os.getloadavg())
+    doc["wall_seconds"] = time.perf_counter() - t_all
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
