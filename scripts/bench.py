@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from pflm.config import RecipeConfig, load_recipe
 from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.evaluation.perplexity import evaluate
+from pflm.io_utils import atomic_write_text
 from pflm.model.factory import build_model
 from pflm.simulation.simulator import Simulator
 
@@ -53,14 +54,14 @@ FAST = {"device.loss": "sampled_softmax", "device.num_samples": 256, "data.max_s
 
 PRESETS: dict[str, dict] = {
     "issue10": {"data": "data/chitchat", "model": {}, "cohort": 50, "scaling": [10, 50, 200], "repeats": 3,
-                "scaling_repeats": 2, "variant_cohorts": [10, 50, 200], "eval_users": 40, "eval_repeats": 3,
+                "scaling_repeats": 2, "variant_cohorts": [10, 50, 200], "variant_budget_s": 150, "eval_users": 40, "eval_repeats": 3,
                 "ttp_rounds": 10, "ttp_eval_every": 2, "ttp_val_users": 30, "ttp_max_rounds": 200},
     "small": {"data": "data/chitchat", "model": {"model.embedding_dim": 32, "model.hidden_dim": 64}, "cohort": 10,
-              "scaling": [5, 10, 20], "repeats": 2, "scaling_repeats": 1, "variant_cohorts": [5, 10], "eval_users": 10,
+              "scaling": [5, 10, 20], "repeats": 2, "scaling_repeats": 1, "variant_cohorts": [5, 10], "variant_budget_s": 60, "eval_users": 10,
               "eval_repeats": 2, "ttp_rounds": 4, "ttp_eval_every": 2, "ttp_val_users": 10, "ttp_max_rounds": 40},
     "tiny": {"data": "data/chitchat", "model": {"model.embedding_dim": 16, "model.hidden_dim": 32,
                                                "data.max_sentences_per_device": 16}, "cohort": 4,
-             "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "eval_users": 3,
+             "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "variant_budget_s": 30, "eval_users": 3,
              "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
 }
 SECTIONS = ("floor", "scaling", "variants", "eval", "ttp")
@@ -153,16 +154,30 @@ def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int) ->
             "load_avg": [la, load()]}
 
 
-def variant_speed(mk, variant: str, cohorts: list[int], round_idx: int, floor_secs: dict[int, float]) -> dict:
+def variant_speed(mk, variant: str, cohorts: list[int], round_idx: int, floor_secs: dict[int, float],
+                  budget_s: float) -> dict:
+    """Round time of a recipe variant per cohort size (after one warm-up round at the smallest). A cohort whose
+    predicted time (seconds per training sentence so far x its sentences) exceeds budget_s is skipped, with the
+    prediction reported."""
     out: dict = {}
+    per_sentence = 0.0
     try:
         for i, c in enumerate(cohorts):
             sim = Simulator(mk(VARIANTS[variant], {"server.cohort_size": c}))
+            plan_users = sim.server.plan_round(round_idx).cohort
+            cap = sim.cfg.data.max_sentences_per_device
+            n_sent = int(sum(min(int(sim.fd.split("train").counts[u]), cap or 1 << 62) for u in plan_users))
+            if per_sentence * n_sent > budget_s:
+                out[str(c)] = {"skipped": f"predicted {per_sentence * n_sent:.0f} s > budget {budget_s:.0f} s",
+                               "sentences": n_sent}
+                continue
             if i == 0:
                 timed_round(sim, round_idx)  # warm-up (Opacus wrapping, allocator)
             la = load()
             secs = timed_round(sim, round_idx)
-            out[str(c)] = {"round_seconds": secs, "devices_per_second": c / secs, "load_avg": [la, load()]}
+            per_sentence = secs / max(n_sent, 1)
+            out[str(c)] = {"round_seconds": secs, "devices_per_second": c / secs, "sentences": n_sent,
+                           "load_avg": [la, load()]}
             if c in floor_secs:
                 out[str(c)]["over_base_floor"] = secs / floor_secs[c]
     except Exception as e:  # noqa: BLE001 - report the failure as data, keep the other sections
@@ -260,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             if c == p["cohort"] and "floor" in sections:
                 res = dict(main_res)  # the same measurement as sections (a)-(c)
             else:
-                res = floor_vs_round(Simulator(mk({"server.cohort_size": c})), args.round, 1, p["scaling_repeats"])
+                res = floor_vs_round(Simulator(mk({"server.cohort_size": c})), args.round, 0, p["scaling_repeats"])
             res.pop("floor_runs"), res.pop("round_runs")
             doc["scaling"][str(c)] = res
             floor_secs[c] = res["floor_seconds"]
         ratios = [v["round_over_floor"] for v in doc["scaling"].values()]
         doc["scaling_round_over_floor_spread"] = max(ratios) / min(ratios)
     if "variants" in sections:
-        doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs)
+        doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
                            for v in ("peu_lora_nce", "dpsgd")}
     if "eval" in sections:
         doc["eval"] = eval_speed(base_sim, p["eval_repeats"])
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_text(Path(args.out), text + "\n")
     return 0
 
 

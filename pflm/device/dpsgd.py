@@ -221,8 +221,7 @@ class DeviceDPSGD:
         self.params = list(self.optimizer.params)
         trainable = {id(p) for p in trainer.trainable}
         if {id(p) for p in self.params} != trainable or any(not p.requires_grad for p in self.params):
-            raise ConfigError("device DP-SGD: the optimizer's parameters differ from the trainable ones")
-        self.wrap_count = 1
+            raise RuntimeError("device DP-SGD: the optimizer's parameters differ from the trainable ones")
         self.wrap_seconds = time.perf_counter() - t0
         self.last_metrics: dict[str, float] = {}
 

@@ -29,7 +29,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     if cfg.backend == "flower":
         from pflm.flower.run import run_flower
 
-        summary = run_flower(cfg)
+        summary = run_flower(cfg, progress=not args.no_progress)
     else:
         from pflm.simulation.simulator import Simulator
 
