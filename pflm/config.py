@@ -197,6 +197,13 @@ class RecipeConfig:
                 "use server.weighting=uniform",
             )
 
+        if self.aggregation.kind == "secure" and self.server.weighting == "tokens":
+            _check(
+                "max_weight" in self.aggregation.secagg,
+                "aggregation=secure with server.weighting=tokens needs aggregation.secagg.max_weight "
+                "(the largest token count a device may report) so weights are not clamped",
+            )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
