@@ -39,21 +39,11 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _ensure_single_lora() -> None:
-    """`build_model` applies LoRA itself; older `build_device_model` applied it again (ConfigError). Neutralise the
-    second call only if it is still there (the fix belongs in pflm/device/trainer.py)."""
-    import pflm.device.trainer as trainer_mod
-
-    if "apply_lora(model" in open(trainer_mod.__file__, encoding="utf-8").read():
-        trainer_mod.apply_lora = lambda model, lora: model  # type: ignore[attr-defined]
-
-
 def run_child(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    _ensure_single_lora()
     from pflm.config import load_recipe
     from pflm.device.trainer import DeviceTrainer
 

@@ -14,13 +14,6 @@ from tests.conftest import tiny_overrides
 RECIPE = "recipes/tiny_synthetic.yaml"
 
 
-@pytest.fixture
-def lora_build_fix(monkeypatch):
-    """`build_model` already applies LoRA; `build_device_model` applied it a second time (ConfigError). Until the
-    trainer drops its own call, neutralise it here (harmless once it is gone)."""
-    monkeypatch.setattr("pflm.device.trainer.apply_lora", lambda model, lora: model, raising=False)
-
-
 def make_sim(data: str, tmp_path, **extra) -> Simulator:
     base = {"dpsgd.enabled": "true", "dpsgd.noise_multiplier": 1.0, "dpsgd.max_grad_norm": 0.5,
             "device.loss": "nce", "device.num_samples": 16, "server.rounds": 1}
@@ -48,8 +41,7 @@ def test_peu_rows_outside_selection_bit_identical(synthetic_data, tmp_path, mode
 
 
 @pytest.mark.parametrize("train_embeddings", [True, False])
-def test_lora_dpsgd_changes_only_adapters_and_selected_rows(synthetic_data, tmp_path, lora_build_fix,
-                                                            train_embeddings):
+def test_lora_dpsgd_changes_only_adapters_and_selected_rows(synthetic_data, tmp_path, train_embeddings):
     sim = make_sim(synthetic_data, tmp_path, **{"model.lora.rank": 4, "peu.mode": "topk", "peu.k": 60,
                                                 "device.train_embeddings": str(train_embeddings).lower(),
                                                 "dpsgd.grad_sample_mode": "hooks"})
