@@ -65,10 +65,10 @@ class DPSGDConfig:
     sample_rate: float = 0.0  # Poisson rate for each local step; 0 = batch_size / user's sentences
 
     def __post_init__(self) -> None:
-        _check(self.max_grad_norm > 0, "device.dpsgd.max_grad_norm must be > 0")
-        _check(self.noise_multiplier >= 0, "device.dpsgd.noise_multiplier must be >= 0")
-        _check(0 < self.delta < 1, "device.dpsgd.delta must be in (0, 1)")
-        _check(0 <= self.sample_rate <= 1, "device.dpsgd.sample_rate must be in [0, 1]")
+        _check(self.max_grad_norm > 0, "dpsgd.max_grad_norm must be > 0")
+        _check(self.noise_multiplier >= 0, "dpsgd.noise_multiplier must be >= 0")
+        _check(0 < self.delta < 1, "dpsgd.delta must be in (0, 1)")
+        _check(0 <= self.sample_rate <= 1, "dpsgd.sample_rate must be in [0, 1]")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -123,6 +124,7 @@ class Simulator:
         trainer.load_round(r, plan.device_state, plan.rows)
         agg.begin(plan.ctx)
         nonfinite, losses, tokens = 0, 0.0, 0
+        device_eps: list[float] = []  # sample-level ε of each device's DP-SGD (not the user-level ε)
         for user in plan.cohort:
             try:
                 res, vec, aux = run_device(trainer, server, plan, user, self.fd.user_tokens("train", user))
@@ -131,9 +133,14 @@ class Simulator:
                 agg.drop(user)
                 continue
             agg.add(user, vec, res.weight, aux)
+            if "device_sample_epsilon" in res.metrics:
+                device_eps.append(float(res.metrics["device_sample_epsilon"]))
             losses += res.train_loss * res.num_tokens
             tokens += res.num_tokens
         m = {"round": r, "cohort": len(plan.cohort), "nonfinite_dropped": nonfinite}
+        if device_eps:  # a different guarantee from the user-level "epsilon": per sentence, per device and round
+            m["device_sample_epsilon_max"] = max(device_eps)
+            m["device_sample_epsilon_median"] = float(np.median(device_eps))
         try:
             result = agg.finalize()
         except AggregationFailed as e:
