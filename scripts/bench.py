@@ -202,33 +202,38 @@ def eval_speed(sim: Simulator, repeats: int) -> dict:
             "load_avg": [la, load()]}
 
 
-def train_trace(sim: Simulator, eval_every: int, max_rounds: int, target: float | None, max_seconds: float) -> dict:
-    """Train round by round; validation perplexity every `eval_every` rounds (not counted in train_seconds).
-    Stops at max_rounds, when val ppl <= target, or after max_seconds of training."""
-    trace, train_s, hit = [], 0.0, None
-    for r in range(max_rounds):
-        train_s += timed_round(sim, r)
-        if (r + 1) % eval_every == 0 or r + 1 == max_rounds:
-            ppl = evaluate(sim.server.model, sim.val_set)["perplexity"]
-            trace.append({"round": r + 1, "train_seconds": round(train_s, 3), "val_perplexity": round(ppl, 3)})
-            if target is not None and ppl <= target:
-                hit = {"round": r + 1, "train_seconds": train_s}
-                break
-        if train_s > max_seconds:
-            break
-    return {"trace": trace, "reached": hit, "train_seconds": train_s}
-
-
 def time_to_ppl(mk, p: dict, fast: dict) -> dict:
+    """Full-softmax recipe for ttp_rounds rounds (its final validation perplexity is the target) and the fast
+    recipe, trained in lockstep (one round of each in turn, so load drift hits both alike). Times are the sums
+    of round times; evaluation (fast: every round, full: every ttp_eval_every) is not counted."""
     la = load()
     val = {"data.val_users": p["ttp_val_users"]}
-    full = train_trace(Simulator(mk(val)), p["ttp_eval_every"], p["ttp_rounds"], None, float("inf"))
-    target = full["trace"][-1]["val_perplexity"]
-    full_s = full["train_seconds"]
-    fast_run = train_trace(Simulator(mk(val, fast)), 1, p["ttp_max_rounds"], target, full_s)
-    reached = fast_run["reached"]
-    return {"target_val_perplexity": target, "full_recipe": {"rounds": p["ttp_rounds"], "train_seconds": full_s,
-            "trace": full["trace"]}, "fast_recipe": {"overrides": fast, **fast_run},
+    full_sim, fast_sim = Simulator(mk(val)), Simulator(mk(val, fast))
+    full_tr: list[dict] = []
+    fast_tr: list[dict] = []
+    full_s = fast_s = 0.0
+    target: float | None = None
+    reached = None
+    for r in range(max(p["ttp_rounds"], p["ttp_max_rounds"])):
+        if r < p["ttp_rounds"]:
+            full_s += timed_round(full_sim, r)
+            if (r + 1) % p["ttp_eval_every"] == 0 or r + 1 == p["ttp_rounds"]:
+                ppl = evaluate(full_sim.server.model, full_sim.val_set)["perplexity"]
+                full_tr.append({"round": r + 1, "train_seconds": round(full_s, 3), "val_perplexity": round(ppl, 3)})
+            if r + 1 == p["ttp_rounds"]:
+                target = full_tr[-1]["val_perplexity"]
+                hits = [t for t in fast_tr if t["val_perplexity"] <= target]
+                reached = hits[0] if hits else None
+        if reached is not None or (target is not None and fast_s > full_s):
+            break
+        fast_s += timed_round(fast_sim, r)
+        ppl = evaluate(fast_sim.server.model, fast_sim.val_set)["perplexity"]
+        fast_tr.append({"round": r + 1, "train_seconds": round(fast_s, 3), "val_perplexity": round(ppl, 3)})
+        if target is not None and ppl <= target:
+            reached = fast_tr[-1]
+    return {"target_val_perplexity": target,
+            "full_recipe": {"rounds": p["ttp_rounds"], "train_seconds": full_s, "trace": full_tr},
+            "fast_recipe": {"overrides": fast, "reached": reached, "trace": fast_tr},
             "speedup": (full_s / reached["train_seconds"]) if reached else None, "load_avg": [la, load()]}
 
 

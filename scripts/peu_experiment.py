@@ -38,10 +38,16 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--runs", default="/tmp/pflm_peu_runs")
     ap.add_argument("--out", default="docs/peu_experiment")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every variant")
     args = ap.parse_args()
     results = {}
-    for name, ov in VARIANTS.items():
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    for name in chosen:
+        ov = VARIANTS[name]
         tag = name.replace(" ", "_")
         cfg = load_recipe(args.recipe, [
             f"data.dir={args.data}", f"output_dir={args.runs}", f"name={tag}", f"rounds={args.rounds}",
@@ -73,7 +79,7 @@ def main() -> int:
     ax.set_xlabel("round")
     ax.set_ylabel("validation perplexity (full softmax)")
     ax.set_yscale("log")
-    ax.set_title(f"ε={s0['epsilon']:.2f}, δ={s0['delta']:g}, σ={s0['noise_multiplier']:.3f}, V={s0['recipe']['model'] and ''}")
+    ax.set_title(f"equal privacy: ε={s0['epsilon']:.2f}, δ={s0['delta']:g}, σ={s0['noise_multiplier']:.3f}")
     ax.legend()
     fig.tight_layout()
     tmp = out.with_suffix(".png.tmp")
@@ -82,7 +88,7 @@ def main() -> int:
     lines = [
         "# PEU vs full-embedding updates at equal ε", "",
         f"Command: `.venv/bin/python scripts/peu_experiment.py --data {args.data} --rounds {args.rounds} --k {args.k} "
-        f"--out {args.out} {' '.join(args.overrides)}`".rstrip() + "`" * 0, "",
+        f"--eval-every {args.eval_every} --variants '{args.variants}' --out {args.out} {' '.join(args.overrides)}`", "",
         f"Recipe {args.recipe}; ε={s0['epsilon']}, δ={s0['delta']}, σ={s0['noise_multiplier']}, "
         f"{s0['epsilon_refers_to']}.", "",
         "| variant | released params / round | val ppl | test word ppl | wall s |",
