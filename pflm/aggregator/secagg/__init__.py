@@ -9,7 +9,7 @@ Protocol (per round, cohort of n devices, neighbour graph of degree k, threshold
    receiver). Devices that did not share (or keep < t live neighbours) leave the round: U2.
 2. MaskedInputCollection — y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) mod 2^b, with x_u the fixed-point
    encoding (`fixed_point`), s_uv = HKDF(X25519(s_sk_u, s_pk_v), session, round, min(u,v), max(u,v)), PRG =
-   ChaCha20 keystream, and + when u < v. Survivors: U3.
+   AES-128-CTR keystream, and + when u < v. Survivors: U3.
 3. Unmasking — each responding neighbour reveals its b-share of every survivor and its s_sk-share of every
    device in U2 \\ U3; the server reconstructs (checking b against its commitment and s_sk against s_pk),
    removes self-masks and the dropped devices' pairwise masks, and decodes Σ_{u∈U3} x_u.
@@ -20,7 +20,7 @@ honest key directory are assumed (no PKI/signatures: an actively malicious serve
 An honest device refuses to reveal both share kinds for one device, so the server never holds both b_u and
 s_sk_u. What leaks: the sum over U3 (update, weight, aux sums and the count of clamped coordinates), the sets
 U1 ⊇ U2 ⊇ U3 (who dropped when), the public graph, and message sizes. Individual updates are protected only
-computationally (X25519 / ChaCha20 / HKDF); the sum itself is released in the clear (add DP noise on top).
+computationally (X25519 / AES-CTR / ChaCha20-Poly1305 / HKDF); the sum itself is released in the clear (add DP noise on top).
 `mode="simulate"` runs no cryptography and must be used only where the server is trusted (fast sweeps).
 """
 

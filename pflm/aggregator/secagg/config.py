@@ -20,7 +20,7 @@ def _check(ok: bool, msg: str) -> None:
 class SecAggConfig:
     """Options of `SecureAggregator`; every field has a safe default."""
 
-    # "full": the real protocol (X25519, Shamir, ChaCha20); "simulate": the same integers without cryptography
+    # "full": the real protocol (X25519, Shamir, AES-CTR masks); "simulate": the same integers without cryptography
     mode: Literal["full", "simulate"] = "full"
     bits: int = 32  # arithmetic is modulo 2^bits
     threshold: float = 0.6  # t = ceil(threshold · degree) shares reconstruct a device's secrets

@@ -13,9 +13,8 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from pflm.aggregator.secagg.masking import word_dtype
+from pflm.aggregator.secagg.masking import prg, word_dtype
 from pflm.errors import AggregationFailed
 
 MAX_LEVEL = 1 << 42
@@ -39,8 +38,8 @@ class _Scratch:
         self.stream = bytearray(4 * n + 64)
 
     def uniform(self, key: bytes) -> np.ndarray:
-        """U[0, 1) with 2^-32 resolution from a ChaCha20 keystream (a CSPRNG; ~1 ms per million)."""
-        enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        """U[0, 1) with 2^-32 resolution from the AES-CTR keystream PRG (a CSPRNG)."""
+        enc = prg(key)
         enc.update_into(self.zeros, self.stream)
         words = np.frombuffer(self.stream, dtype=np.uint32, count=self.x.size)
         return np.multiply(words, 2.0**-32, out=self.u, dtype=np.float64)

