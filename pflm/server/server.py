@@ -48,6 +48,9 @@ class FederatedServer:
         self.global_layout = Layout(self.model, names)
         if cfg.server.init_output_bias == "prior" and prior_counts is not None:
             self._init_bias_from_prior(np.asarray(prior_counts, dtype=np.float64))
+        if cfg.server.zero_output_weight:
+            with torch.no_grad():
+                self.model.output_weight().zero_()
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
         self.privacy = PrivacySetup(cfg, population)
