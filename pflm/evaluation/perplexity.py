@@ -48,9 +48,16 @@ def sequence_nll(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tens
     mask = torch.arange(width - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
     feats = model.features(inputs)
     w, b = model.output_weight(), model.output_bias()
-    logits = F.linear(feats, w, b)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return (nll.view_as(targets) * mask).sum(1)
+    nll = torch.zeros(targets.shape, dtype=torch.float32)
+    # logits only at the valid positions, in slices of at most ~8 MB (reused malloc blocks, cache-friendly)
+    h, t = feats[mask], targets[mask]
+    step = max(1, (2 << 20) // max(w.shape[0], 1))
+    out = torch.empty(h.shape[0], dtype=torch.float32)
+    for i in range(0, h.shape[0], step):
+        logits = F.linear(h[i : i + step], w, b).float()
+        out[i : i + step] = F.cross_entropy(logits, t[i : i + step], reduction="none")
+    nll[mask] = out
+    return nll.sum(1)
 
 
 @torch.no_grad()
@@ -60,12 +67,9 @@ def evaluate(model: torch.nn.Module, es: EvalSet, max_batch_tokens: int = 8192) 
     total = 0.0
     n = es.seqs.shape[0]
     i = 0
-    vocab = model.output_weight().shape[0]
-    # keep the [B, T, V] logits under ~256 MB
-    budget = max(1, min(max_batch_tokens, (64 * 2**20) // max(vocab, 1)))
     while i < n:
         width = int(es.lengths[min(n - 1, i)])
-        bs = max(1, budget // max(width, 1))
+        bs = max(1, max_batch_tokens // max(width, 1))
         j = min(n, i + bs)
         total += float(sequence_nll(model, es.seqs[i:j], es.lengths[i:j]).sum())
         i = j
