@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from safetensors.torch import load_file
 
 from pflm.aggregator.plain import PlainSumAggregator
 from pflm.config import load_recipe

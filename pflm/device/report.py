@@ -58,8 +58,6 @@ def _warm_up_torch() -> None:
 
 def measure_child(cfg_dict: dict, vocab: int, sentences: int, steps_hint: int) -> dict:
     """Runs inside the fresh process."""
-    import time
-
     import numpy as np
     import torch
 

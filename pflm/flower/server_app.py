@@ -23,7 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from pflm.config import RecipeConfig, load_recipe
-from pflm.errors import AggregationFailed, PflmError
+from pflm.errors import PflmError
 from pflm.flower import codec, partition
 from pflm.simulation.simulator import Simulator
 
@@ -158,19 +158,8 @@ class FlowerSimulator(Simulator):
         m = {"round": r, "cohort": len(plan.cohort), "nonfinite_dropped": nonfinite}
         if failed:
             m["node_dropped"] = failed
-        try:
-            result = agg.finalize()
-        except AggregationFailed as e:
-            m.update({"failed": str(e), "seconds": time.perf_counter() - t0})
-            return m
-        m.update(result.metrics)
-        if "clipped" in result.aux and result.num_contributors:
-            m["fraction_clipped"] = result.aux["clipped"] / result.num_contributors
-        m.update(server.finish_round(plan, result))
-        m["train_loss"] = losses / max(tokens, 1)
         m["device_seconds"] = device_seconds
-        m["seconds"] = time.perf_counter() - t0
-        return m
+        return self.close_round(plan, m, t0, losses, tokens)
 
     def _collect(self, pending: set[str], on_reply: Callable[[Message], None]) -> set[str]:
         """Pull replies as they arrive (each is aggregated at once); return the ids that timed out."""

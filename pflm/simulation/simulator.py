@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,15 +140,20 @@ class Simulator:
         if device_eps:  # a different guarantee from the user-level "epsilon": per sentence, per device and round
             m["device_sample_epsilon_max"] = max(device_eps)
             m["device_sample_epsilon_median"] = float(np.median(device_eps))
+        return self.close_round(plan, m, t0, losses, tokens)
+
+    def close_round(self, plan: RoundPlan, m: dict, t0: float, losses: float, tokens: int) -> dict:
+        """Finalize the aggregate, apply it on the server and complete the round's metrics. A failed
+        aggregation leaves model and accountant untouched. Shared with the Flower ServerApp."""
         try:
-            result = agg.finalize()
+            result = self.aggregator.finalize()
         except AggregationFailed as e:
             m.update({"failed": str(e), "seconds": time.perf_counter() - t0})
             return m
         m.update(result.metrics)
         if "clipped" in result.aux and result.num_contributors:
             m["fraction_clipped"] = result.aux["clipped"] / result.num_contributors
-        m.update(server.finish_round(plan, result))
+        m.update(self.server.finish_round(plan, result))
         m["train_loss"] = losses / max(tokens, 1)
         m["seconds"] = time.perf_counter() - t0
         return m
