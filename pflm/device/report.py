@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pflm.config import RecipeConfig, load_recipe, recipe_to_dict
+from pflm.config_base import apply_overrides, from_dict
 from pflm.errors import PflmError
 
 VARIANTS = ("full", "peu", "lora", "nce", "peu+lora+nce")
@@ -56,12 +57,11 @@ def _warm_up_torch() -> None:
     torch.optim.SGD(list(m.parameters()) + list(emb.parameters()), lr=0.1).step()
 
 
-def measure_child(cfg_dict: dict, vocab: int, sentences: int, steps_hint: int) -> dict:
+def measure_child(cfg_dict: dict, vocab: int, sentences: int) -> dict:
     """Runs inside the fresh process."""
     import numpy as np
     import torch
 
-    from pflm.config_base import from_dict
     from pflm.device.trainer import DeviceTrainer
     from pflm.server.peu import RowSelector
 
@@ -99,9 +99,6 @@ def measure_child(cfg_dict: dict, vocab: int, sentences: int, steps_hint: int) -
 def run_report(cfg: RecipeConfig, vocab: int, sentences: int = 64) -> dict:
     out = {}
     for v in VARIANTS:
-        vcfg = load_recipe(None, [])  # fresh defaults, then the recipe's values with the variant's overrides
-        from pflm.config_base import apply_overrides, from_dict
-
         data = apply_overrides(recipe_to_dict(cfg), variant_overrides(cfg, v, vocab))
         data["dpsgd"]["enabled"] = cfg.dpsgd.enabled
         vcfg = from_dict(RecipeConfig, data)
@@ -124,7 +121,7 @@ def run_report(cfg: RecipeConfig, vocab: int, sentences: int = 64) -> dict:
 
 def _child() -> None:
     req = json.loads(sys.stdin.read())
-    print(json.dumps(measure_child(req["cfg"], req["vocab"], req["sentences"], 0)))
+    print(json.dumps(measure_child(req["cfg"], req["vocab"], req["sentences"])))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
