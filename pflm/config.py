@@ -178,7 +178,8 @@ class RecipeConfig:
     seed: int = 0
     output_dir: str = "runs"
     backend: Literal["inprocess", "flower"] = "inprocess"
-    threads: int = 0  # torch threads (0 = all cores)
+    threads: int = 0  # CPU threads the run may use (0 = every CPU this process may run on)
+    device_workers: int = 1  # simulated devices trained at once, each with threads/device_workers torch threads (0 = one per thread)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -191,6 +192,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")
+        _check(self.threads >= 0, "threads must be >= 0 (0 = every CPU)")
+        _check(self.device_workers >= 0, "device_workers must be >= 0 (0 = one simulated device per thread)")
         if self.privacy.noise_multiplier not in (None, 0.0) or self.privacy.target_epsilon is not None:
             _check(
                 self.server.weighting == "uniform",

@@ -150,8 +150,8 @@ def test_chunked_mask_stream_equals_one_keystream() -> None:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     n = 3 * MaskStream.CHUNK + 5
-    for bits, dtype in ((32, np.uint32), (48, np.uint64)):
-        s = MaskStream(n, bits)
+    for bits, dtype, workers in ((32, np.uint32, 1), (48, np.uint64, 1), (32, np.uint32, 3), (48, np.uint64, 2)):
+        s = MaskStream(n, bits, workers)  # several workers: each range starts its keystream mid-stream
         key = bytes(range(32))
         enc = Cipher(algorithms.AES(key[:16]), modes.CTR(bytes(16))).encryptor()  # the mask PRG: AES-128-CTR
         want = enc.update(bytes(n * np.dtype(dtype).itemsize))
@@ -159,3 +159,56 @@ def test_chunked_mask_stream_equals_one_keystream() -> None:
         acc = np.zeros(n, dtype=dtype)
         s.add_many(acc, [(key, 1), (bytes(32), 1), (key, -1), (bytes(32), -1)])
         assert not acc.any()
+
+
+def _reference_encode(codec: FixedPointCodec, x: np.ndarray, weight: float, key: bytes) -> np.ndarray:
+    """The encoding written out in one piece: one keystream for the whole vector, no chunks, no threads."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    L = codec.level
+    v = np.concatenate([x.astype(np.float64) * codec.value_scale, [weight * L / codec.weight_bound, 0.0]])
+    stream = Cipher(algorithms.AES(key[:16]), modes.CTR(bytes(16))).encryptor().update(bytes(4 * v.size))
+    v = np.floor(v + np.frombuffer(stream, dtype=np.uint32) * 2.0**-32)
+    clamped = int(np.count_nonzero(np.abs(v) > L))
+    v = np.clip(v, -L, L)
+    v[-1] = clamped
+    return (v.astype(np.int64) % (1 << codec.bits)).astype(np.uint64)
+
+
+@pytest.mark.parametrize("bits", [32, 40])
+def test_chunked_threaded_encoding_equals_one_piece(bits: int) -> None:
+    from pflm.aggregator.secagg import fixed_point
+
+    dim = 3 * fixed_point.CHUNK + 5  # several chunks and a ragged end; the tail crosses no chunk boundary
+    x = np.random.default_rng(0).standard_normal(dim).astype(np.float32) * 0.01
+    x[[7, fixed_point.CHUNK, dim - 1]] = [3.0, -3.0, 2.0]  # clamped values in different chunks
+    key = bytes(range(32))
+    want = None
+    for workers in (1, 2, 3):
+        codec = FixedPointCodec(bits, 50, dim, 1.0, 1.0, (), 1.0, workers)
+        enc = codec.encode(x, 0.5, {}, key)
+        if want is None:
+            want = _reference_encode(codec, x, 0.5, key)
+        assert enc.clamped == 3 and enc.finite
+        assert np.array_equal(enc.ints.astype(np.uint64), want), workers
+    x[fixed_point.CHUNK + 9] = np.nan
+    assert not FixedPointCodec(bits, 50, dim, 1.0, 1.0, (), 1.0, 2).encode(x, 0.5, {}, key).finite
+
+
+def test_fused_masking_equals_encode_then_mask() -> None:
+    from pflm.aggregator.base import RoundContext
+    from pflm.aggregator.secagg import fixed_point
+
+    dim = 2 * MaskStream.CHUNK + 77
+    ctx = RoundContext(round=1, dim=dim, cohort=list(range(5)), clip_bound=1.0, seed=3)
+    agg = SecureAggregator(SecAggConfig(threads=2))
+    agg.begin(ctx)
+    x = np.random.default_rng(1).standard_normal(dim).astype(np.float32) * 1e-3
+    codec = FixedPointCodec(32, 5, dim, 1.0, 1.0, ("clipped",), 1.0, 2)
+    key = rounding_key(3, 1, 0)
+    client, peers = agg.clients[0], agg.server.mask_list(0)
+    stream = MaskStream(codec.length, 32, workers=2)
+    separate = client.masked_input(codec.encode(x, 1.0, {"clipped": 1.0}, key).ints, peers, stream)
+    fused = client.masked_input(codec.encoder(x, 1.0, {"clipped": 1.0}, key), peers, stream)
+    assert np.array_equal(separate, fused)
+    assert fixed_point.CHUNK % 4 == 0 and MaskStream.CHUNK % 4 == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext
+from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext, Upload
 from pflm.errors import AggregationFailed
 
 
@@ -23,19 +23,25 @@ class PlainSumAggregator(Aggregator):
         self._aux: dict[str, float] = {}
         self._seen: set[int] = set()
 
-    def add(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> None:
-        assert self._ctx is not None and self._total is not None, "begin() not called"
+    def upload(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> Upload:
+        assert self._ctx is not None, "begin() not called"
         if update.numel() != self._ctx.dim:
             raise AggregationFailed(
                 f"device {device_id} sent an update of length {update.numel()}, expected {self._ctx.dim}"
             )
+        return Upload(int(device_id), (update.reshape(-1), float(weight), dict(aux or {})))
+
+    def receive(self, upload: Upload) -> None:
+        assert self._ctx is not None and self._total is not None, "begin() not called"
+        device_id = upload.device_id
         if device_id in self._seen:
             raise AggregationFailed(f"device {device_id} sent two updates in round {self._ctx.round}")
         self._seen.add(device_id)
-        self._total.add_(update.reshape(-1))
-        self._weight += float(weight)
+        update, weight, aux = upload.payload
+        self._total.add_(update)
+        self._weight += weight
         self._count += 1
-        for k, v in (aux or {}).items():
+        for k, v in aux.items():
             self._aux[k] = self._aux.get(k, 0.0) + float(v)
 
     def finalize(self) -> AggregateResult:

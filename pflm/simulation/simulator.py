@@ -25,6 +25,7 @@ from pflm.privacy.clipping import NonFiniteUpdate
 from pflm.server.server import FederatedServer, RoundPlan
 from pflm.simulation import artifacts
 from pflm.simulation.checkpoint import load_checkpoint, save_checkpoint
+from pflm.simulation.devices import DevicePool, thread_plan
 
 EVAL_MAX_TOKENS = 120
 
@@ -66,8 +67,8 @@ class Simulator:
         if not cfg.data.dir:
             raise PflmError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        workers, torch_threads = thread_plan(cfg)
+        torch.set_num_threads(torch_threads)
         self.fd = FederatedData.open(cfg.data.dir)
         self.vocab_size = self.fd.tokenizer.vocab_size
         n_train = self.fd.num_users("train")
@@ -81,8 +82,10 @@ class Simulator:
         self.run_dir = cfg.run_dir
         self._check_compatible_run()
         self.server = FederatedServer(cfg, self.vocab_size, self.population, counts)
-        self.trainer = DeviceTrainer(cfg, self.vocab_size, counts)
+        self.devices = DevicePool(cfg, self.vocab_size, counts, workers)
+        self.trainer = self.devices.trainers[0]
         self.aggregator = make_aggregator(cfg)
+        self.aggregator.concurrent_uploads = workers
         self.val_set = load_eval_set(self.fd, "val", cfg.data.val_users)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -118,20 +121,27 @@ class Simulator:
 
     def run_round(self, r: int) -> dict:
         t0 = time.perf_counter()
-        server, trainer, agg = self.server, self.trainer, self.aggregator
+        server, agg, fd = self.server, self.aggregator, self.fd
         plan = server.plan_round(r)
-        trainer.load_round(r, plan.device_state, plan.rows)
+        self.devices.load_round(r, plan.device_state, plan.rows)
         agg.begin(plan.ctx)
+
+        def device(trainer: DeviceTrainer, user: int) -> tuple:
+            """Everything one device does: train, clip, and prepare its upload (runs on a device worker)."""
+            res, vec, aux = run_device(trainer, server, plan, user, fd.user_tokens("train", user))
+            return res, agg.upload(user, vec, res.weight, aux)
+
         nonfinite, losses, tokens = 0, 0.0, 0
         device_eps: list[float] = []  # sample-level ε of each device's DP-SGD (not the user-level ε)
-        for user in plan.cohort:
-            try:
-                res, vec, aux = run_device(trainer, server, plan, user, self.fd.user_tokens("train", user))
-            except NonFiniteUpdate:
+        for user, out in self.devices.map(device, plan.cohort):  # in cohort order: the sum is order-exact
+            if isinstance(out, NonFiniteUpdate):
                 nonfinite += 1
                 agg.drop(user)
                 continue
-            agg.add(user, vec, res.weight, aux)
+            if isinstance(out, BaseException):
+                raise out
+            res, upload = out
+            agg.receive(upload)
             if "device_sample_epsilon" in res.metrics:
                 device_eps.append(float(res.metrics["device_sample_epsilon"]))
             losses += res.train_loss * res.num_tokens

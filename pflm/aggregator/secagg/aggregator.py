@@ -1,8 +1,9 @@
 """`SecureAggregator`: the secure-aggregation protocol behind the streaming `Aggregator` interface.
 
-`begin` runs AdvertiseKeys and ShareKeys for the cohort, `add` runs the device's encoding and masking (the same
-functions a real client calls) and sums the masked vector, `drop` marks a dropout, `finalize` runs Unmasking and
-decodes. `mode="simulate"` skips the cryptography but draws the same rounding, dropouts and survivor sets, so its
+`begin` runs AdvertiseKeys and ShareKeys for the cohort, `upload` runs the device's encoding and masking (the
+same `SecAggClient` code a real device runs; thread-safe, so simulated devices can mask concurrently),
+`receive` sums the masked vector on the server, `drop` marks a dropout, `finalize` runs Unmasking and decodes.
+`mode="simulate"` skips the cryptography but draws the same rounding, dropouts and survivor sets, so its
 integer sum is bit-identical to the full protocol's.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import threading
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext
+from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext, Upload
 from pflm.aggregator.secagg import shamir
 from pflm.aggregator.secagg.client import SecAggClient
 from pflm.aggregator.secagg.config import SecAggConfig
@@ -26,8 +28,10 @@ from pflm.aggregator.secagg.graph import effective_degree, graph_seed, harary_gr
 from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
 from pflm.aggregator.secagg.protocol import SecAggServer, key_sharing_survivors, recovery_problem
 from pflm.errors import AggregationFailed
+from pflm.runtime import resolve_workers
 
 STAGES = ("advertise", "share", "masked_input", "unmask")
+QUANT_PROBES = 1 << 16  # coordinates compared with the float sum for secagg_quant_error_max (an even stride)
 
 
 def dropout_plan(cfg: SecAggConfig, seed: int, round_: int, cohort: list[int]) -> dict[int, str]:
@@ -63,7 +67,8 @@ class SecureAggregator(Aggregator):
 
     `finalize` metrics: secagg_wraps (coordinates clamped to their bound, summed over devices),
     secagg_quant_step / secagg_quant_error_bound (per-coordinate step and worst-case error of the sum),
-    secagg_quant_error_max (simulation diagnostic against the in-process float sum), survivor counts,
+    secagg_quant_error_max (simulation diagnostic against the in-process float sum, on ≤ 65,536 evenly spaced
+    coordinates), survivor counts,
     secagg_bad_shares, secagg_bytes_per_device_mean/max (upload), secagg_seconds_<stage>.
     """
 
@@ -78,6 +83,8 @@ class SecureAggregator(Aggregator):
 
     def __init__(self, config: SecAggConfig | None = None, seed: int | None = None) -> None:
         self.config = config or SecAggConfig()
+        self.workers = resolve_workers(self.config.threads)
+        self._lock = threading.Lock()
         self.run_seed = seed  # public seed of graphs, simulated dropouts and rounding; None = ctx.seed
         self.ctx: RoundContext | None = None
         self.codec: FixedPointCodec | None = None
@@ -104,7 +111,7 @@ class SecureAggregator(Aggregator):
         self._dropped: set[int] = set()
         self._contributed: set[int] = set()
         self._excluded = {"not_in_key_sharing": 0, "nonfinite": 0, "simulated_dropout": 0}
-        self._secs = {k: 0.0 for k in ("advertise", "share", "encode", "mask", "unmask_clients", "unmask_server")}
+        self._secs = {k: 0.0 for k in ("advertise", "share", "encode", "masked_input", "sum", "unmask_clients", "unmask_server")}
         self._float_sum: np.ndarray | None = None
         self._acc: np.ndarray | None = None
         self.transcript = {"masked": {}, "requests": {}, "responses": {}} if cfg.keep_transcript else {}
@@ -168,7 +175,6 @@ class SecureAggregator(Aggregator):
             self.clients[v].receive_shares(inbox)
         self.u2 = set(self.server.u2)
         self._secs["advertise"], self._secs["share"] = t1 - t0, time.perf_counter() - t1
-        self._stream = MaskStream(1, self.config.bits)
         if self.config.keep_transcript:
             self.transcript["ads"] = dict(self.server.ads)
             self.transcript["ciphertexts"] = {u: dict(o) for u, o in outboxes.items()}
@@ -180,10 +186,21 @@ class SecureAggregator(Aggregator):
         keys = tuple(cfg.aux_keys or self.ctx.extra.get("aux_keys") or sorted(aux))
         return FixedPointCodec(
             cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_factor,
-            cfg.max_weight, keys, cfg.aux_bound,
+            cfg.max_weight, keys, cfg.aux_bound, self.workers,
         )
 
-    def add(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> None:
+    def _codec_for(self, aux: dict[str, float]) -> FixedPointCodec:
+        """The round's codec (and mask stream), fixed by the first upload's aux layout; thread-safe."""
+        with self._lock:
+            if self.codec is None:
+                self.codec = self._make_codec(aux)
+                per_upload = max(1, self.workers // max(1, self.concurrent_uploads))
+                self._upload_stream = MaskStream(self.codec.length, self.config.bits, per_upload)
+                self._stream = MaskStream(self.codec.length, self.config.bits, self.workers)
+            return self.codec
+
+    def upload(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> Upload:
+        """The device's side of MaskedInputCollection: encode (fixed point) and mask, fused in one pass."""
         if self.ctx is None:
             raise AggregationFailed("SecureAggregator.add called before begin()")
         ctx, u, aux = self.ctx, int(device_id), dict(aux or {})
@@ -191,58 +208,85 @@ class SecureAggregator(Aggregator):
             raise AggregationFailed(f"device {u} sent an update of length {update.numel()}, expected {ctx.dim}")
         if u not in self._cohort_set:
             raise AggregationFailed(f"device {u} is not in the cohort of round {ctx.round}")
-        if u in self._seen:
-            raise AggregationFailed(f"device {u} sent two updates in round {ctx.round}")
-        if u in self._dropped:
-            raise AggregationFailed(f"device {u} was dropped in round {ctx.round} and then sent an update")
-        self._seen.add(u)
         if self._failure is not None:
-            return
+            return Upload(u, excluded="round_failed")
         if u not in self.u2:
-            self._excluded["not_in_key_sharing"] += 1
-            return
+            return Upload(u, excluded="not_in_key_sharing")
         if self.plan.get(u) == "masked_input":
-            self._excluded["simulated_dropout"] += 1
-            self._dropped.add(u)
-            return
-        x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encode widens it
-        finite = math.isfinite(float(x.sum(dtype=np.float64)))  # float64 sum of float32 cannot overflow
-        if not (finite and math.isfinite(weight) and all(math.isfinite(v) for v in aux.values())):
-            self._excluded["nonfinite"] += 1
-            self._dropped.add(u)
-            return
-        if self.codec is None:
-            self.codec = self._make_codec(aux)
-        unknown = sorted(set(aux) - set(self.codec.aux_keys))
+            return Upload(u, excluded="simulated_dropout")
+        if not (math.isfinite(weight) and all(math.isfinite(v) for v in aux.values())):
+            return Upload(u, excluded="nonfinite")
+        codec = self._codec_for(aux)
+        unknown = sorted(set(aux) - set(codec.aux_keys))
         if unknown:
             raise AggregationFailed(
-                f"device {u} sent aux values {unknown} outside the round's layout {list(self.codec.aux_keys)}: "
+                f"device {u} sent aux values {unknown} outside the round's layout {list(codec.aux_keys)}: "
                 "list every aux name in aggregation.secagg.aux_keys"
             )
+        x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encoded chunk by chunk
         t0 = time.perf_counter()
         key = rounding_key(self._seed if self.config.rounding == "seeded" else None, ctx.round, u)
-        enc = self.codec.encode(x, float(weight), aux, key)
-        t1 = time.perf_counter()
+        encoder = codec.encoder(x, float(weight), aux, key)
         if self.config.mode == "full":
             assert self.server is not None
-            if self._stream.length != enc.ints.size:
-                self._stream = MaskStream(enc.ints.size, self.config.bits)
-            y = self.clients[u].masked_input(enc.ints, self.server.mask_list(u), self._stream)
-            self.server.receive_masked(u, y)
+            payload = self.clients[u].masked_input(encoder, self.server.mask_list(u), self._upload_stream)
+            stage = "masked_input"
+        else:
+            payload = np.empty(codec.length, dtype=word_dtype(self.config.bits))
+            self._upload_stream.add_many(payload, [], source=encoder.filler)
+            encoder.finish(payload)
+            stage = "encode"
+        with self._lock:
+            self._secs[stage] += time.perf_counter() - t0
+        if not encoder.finite:
+            return Upload(u, excluded="nonfinite")
+        probe = None
+        if self.config.measure_quant_error:  # an evenly spaced sample of coordinates (cheap for any dim)
+            probe = x[:: self._probe_stride(ctx.dim)].astype(np.float64)
+            if encoder.clamped:
+                np.clip(probe, -codec.value_bound, codec.value_bound, out=probe)
+        return Upload(u, payload, diagnostic=probe)
+
+    def receive(self, upload: Upload) -> None:
+        """The server's side: check the sender, then add its masked vector (simulate: its encoding)."""
+        if self.ctx is None:
+            raise AggregationFailed("SecureAggregator.receive called before begin()")
+        u, rnd = upload.device_id, self.ctx.round
+        if u not in self._cohort_set:
+            raise AggregationFailed(f"device {u} is not in the cohort of round {rnd}")
+        if u in self._seen:
+            raise AggregationFailed(f"device {u} sent two updates in round {rnd}")
+        if u in self._dropped:
+            raise AggregationFailed(f"device {u} was dropped in round {rnd} and then sent an update")
+        self._seen.add(u)
+        if upload.excluded is not None:
+            if upload.excluded in self._excluded:
+                self._excluded[upload.excluded] += 1
+            if upload.excluded in ("simulated_dropout", "nonfinite"):
+                self._dropped.add(u)
+            return
+        t0 = time.perf_counter()
+        if self.config.mode == "full":
+            assert self.server is not None
+            self.server.receive_masked(u, upload.payload)
             if self.config.keep_transcript:
-                self.transcript["masked"][u] = y
+                self.transcript["masked"][u] = upload.payload
         else:
             if self._acc is None:
-                self._acc = np.zeros(enc.ints.size, dtype=word_dtype(self.config.bits))
-            np.add(self._acc, enc.ints, out=self._acc)
-        self._secs["encode"] += t1 - t0
-        self._secs["mask"] += time.perf_counter() - t1
+                self._acc = np.zeros(upload.payload.size, dtype=word_dtype(self.config.bits))
+            if upload.payload.shape != self._acc.shape:
+                raise AggregationFailed(f"device {u} sent {upload.payload.size} words, expected {self._acc.size}")
+            np.add(self._acc, upload.payload, out=self._acc)
+        self._secs["sum"] += time.perf_counter() - t0
         self._contributed.add(u)
-        if self.config.measure_quant_error:
+        if upload.diagnostic is not None:
             if self._float_sum is None:
-                self._float_sum = np.zeros(ctx.dim, dtype=np.float64)
-            b = self.codec.value_bound
-            self._float_sum += np.clip(x, -b, b) if enc.clamped else x
+                self._float_sum = np.zeros(upload.diagnostic.size, dtype=np.float64)
+            self._float_sum += upload.diagnostic
+
+    @staticmethod
+    def _probe_stride(dim: int) -> int:
+        return max(1, -(-dim // QUANT_PROBES))
 
     def drop(self, device_id: int) -> None:
         """Mark a dropout; a device whose masked input already arrived stays in the sum."""
@@ -315,5 +359,6 @@ class SecureAggregator(Aggregator):
             estimate = upload_bytes_estimate(self.degree, self.codec.length, self.config.bits)
             m["secagg_bytes_per_device_mean"] = float(estimate)  # what the full protocol would send
         if self._float_sum is not None:
-            m["secagg_quant_error_max"] = float(np.max(np.abs(decoded - self._float_sum)))
+            probe = decoded[:: self._probe_stride(decoded.size)]
+            m["secagg_quant_error_max"] = float(np.max(np.abs(probe - self._float_sum)))
         return m

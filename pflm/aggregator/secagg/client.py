@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pflm.aggregator.secagg import shamir
+from pflm.aggregator.secagg.fixed_point import ChunkEncoder
 from pflm.aggregator.secagg.masking import (
     AEAD_NONCE,
     MaskStream,
@@ -128,11 +129,21 @@ class SecAggClient:
         self._inbox = dict(inbox)
 
     def masked_input(
-        self, encoded: np.ndarray, mask_with: Sequence[int], stream: MaskStream | None = None
+        self,
+        encoded: np.ndarray | ChunkEncoder,
+        mask_with: Sequence[int],
+        stream: MaskStream | None = None,
+        inplace: bool = False,
     ) -> np.ndarray:
-        """Round 2 (MaskedInputCollection): y = x + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^b."""
+        """Round 2 (MaskedInputCollection): y = x + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^b.
+
+        `encoded` is the fixed-point vector x (copied unless `inplace`), or a `ChunkEncoder` that produces x
+        chunk by chunk inside the masking pass (same integers, one pass over memory).
+        """
         s = self.session
-        if encoded.ndim != 1 or encoded.dtype != s.dtype:
+        fused = isinstance(encoded, ChunkEncoder)
+        length = encoded.codec.length if fused else encoded.size
+        if not fused and (encoded.ndim != 1 or encoded.dtype != s.dtype):
             raise AggregationFailed(
                 f"device {self.device_id}: encoded input must be a flat {np.dtype(s.dtype)} vector, "
                 f"got {encoded.shape}/{encoded.dtype}"
@@ -142,16 +153,21 @@ class SecAggClient:
             raise ProtocolViolation(
                 f"device {self.device_id}: asked to mask with {strangers}, who shared no keys with it"
             )
-        if stream is None or stream.length != encoded.size:
-            stream = MaskStream(encoded.size, s.bits)
-        y = encoded.copy()
+        if stream is None or stream.length != length:
+            stream = MaskStream(length, s.bits)
         masks = [(self_mask_key(self._b_seed, s, self.device_id), +1)]
         for v in mask_with:
             key = pairwise_key(self._s_sk, self._peers[v].s_pk, s, self.device_id, v)
             masks.append((key, pair_sign(self.device_id, v)))
-        stream.add_many(y, masks)
+        if fused:
+            y = np.empty(length, dtype=s.dtype)
+            stream.add_many(y, masks, source=encoded.filler)
+            encoded.finish(y)  # the clamp count goes into its (already masked) slot: masks are additive
+        else:
+            y = encoded if inplace else encoded.copy()
+            stream.add_many(y, masks)
         s.reduce(y)
-        self.bytes_sent += (encoded.size * s.bits + 7) // 8
+        self.bytes_sent += (length * s.bits + 7) // 8
         return y
 
     def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> UnmaskResponse:

@@ -38,6 +38,7 @@ class SecAggConfig:
     dropout_masked_input: float = 0.0  # ... after key sharing, before sending its masked input
     dropout_unmask: float = 0.0  # ... after sending its masked input, before answering the unmasking request
     measure_quant_error: bool = True  # simulation diagnostic: compare with the float sum seen in-process
+    threads: int = 0  # threads for encoding, mask expansion and unmasking (0 = every CPU this process may use)
     keep_transcript: bool = False  # keep the server's full view (tests / audits; memory ∝ cohort · dim)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,10 @@ class SecAggConfig:
         )
         _check(len(set(self.aux_keys)) == len(self.aux_keys), f"{pre}aux_keys has duplicate names")
         _check(self.rounding in ("seeded", "urandom"), f"{pre}rounding {self.rounding!r} is not 'seeded' or 'urandom'")
+        _check(
+            isinstance(self.threads, int) and self.threads >= 0,
+            f"{pre}threads={self.threads!r} must be an integer >= 0 (0 = all CPUs)",
+        )
         for name in _DROPOUT_FIELDS:
             p = getattr(self, name)
             _check(0 <= p < 1, f"{pre}{name}={p} must be a probability in [0, 1)")

@@ -9,15 +9,19 @@ counter is itself summed securely (the server learns only the cohort's total). B
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from pflm.aggregator.secagg.masking import prg, word_dtype
+from pflm.aggregator.secagg.masking import prg, run_ranges, word_dtype
 from pflm.errors import AggregationFailed
 
 MAX_LEVEL = 1 << 42
+CHUNK = 1 << 16  # values per chunk of `encode` (a multiple of the 4 rounding uniforms per AES block)
 
 
 def rounding_key(run_seed: int | None, round_: int, device_id: int) -> bytes:
@@ -28,27 +32,104 @@ def rounding_key(run_seed: int | None, round_: int, device_id: int) -> bytes:
 
 
 class _Scratch:
-    """Reused per-codec buffers: fresh 8 MB arrays per device cost more in page faults than the arithmetic."""
+    """One thread's chunk buffers (float64 values, uniforms, keystream), reused for every device."""
 
     def __init__(self, n: int) -> None:
+        self.n = n
         self.x = np.empty(n, dtype=np.float64)
         self.u = np.empty(n, dtype=np.float64)
-        self.i64 = np.empty(n, dtype=np.int64)
         self.zeros = bytes(4 * n)
         self.stream = bytearray(4 * n + 64)
 
-    def uniform(self, key: bytes) -> np.ndarray:
-        """U[0, 1) with 2^-32 resolution from the AES-CTR keystream PRG (a CSPRNG)."""
-        enc = prg(key)
-        enc.update_into(self.zeros, self.stream)
-        words = np.frombuffer(self.stream, dtype=np.uint32, count=self.x.size)
-        return np.multiply(words, 2.0**-32, out=self.u, dtype=np.float64)
+    def uniform(self, enc, m: int) -> np.ndarray:
+        """The next m draws of U[0, 1) with 2^-32 resolution from a CSPRNG keystream (AES-CTR)."""
+        enc.update_into(self.zeros[: 4 * m], self.stream)
+        words = np.frombuffer(self.stream, dtype=np.uint32, count=m)
+        return np.multiply(words, 2.0**-32, out=self.u[:m], dtype=np.float64)
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(n: int) -> _Scratch:
+    sc = getattr(_LOCAL, "scratch", None)
+    if sc is None or sc.n < n:
+        sc = _LOCAL.scratch = _Scratch(n)
+    return sc
+
+
+class ChunkEncoder:
+    """Encodes one device's vector chunk by chunk, in any order and from several threads.
+
+    `filler(lo)` returns a function that writes the encoding of the next `len(out)` coordinates (from `lo` on)
+    into `out`; ranges must start on a multiple of 4 (one AES block of rounding uniforms). The counter slot is
+    written as 0: the caller adds `clamped` once every chunk is done (masks are additive, so this may come last).
+    """
+
+    def __init__(self, codec: FixedPointCodec, update: np.ndarray, weight: float, aux: dict[str, float], key: bytes):
+        L, d = codec.level, codec.dim
+        if update.shape != (d,):
+            raise AggregationFailed(f"update of shape {update.shape} does not match the round's dimension {d}")
+        self.codec, self.update, self.key = codec, update, key
+        self.tail = np.empty(codec.length - d, dtype=np.float64)
+        self.tail[0] = weight * (L / codec.weight_bound)
+        self.tail[1:-1] = [float(aux.get(k, 0.0)) * (L / codec.aux_bound) for k in codec.aux_keys]
+        self.tail[-1] = 0.0
+        self.clamped = 0
+        self.finite = True
+        self._lock = threading.Lock()
+        self._signed = np.int32 if codec.bits <= 32 else np.int64  # |values| ≤ L < 2^(b−1): two's complement = mod 2^word
+
+    def filler(self, lo: int) -> Callable[[np.ndarray], None]:
+        c, d, L = self.codec, self.codec.dim, self.codec.level
+        if lo % 4:
+            raise ValueError("chunk ranges must start on a multiple of 4 coordinates")
+        enc = prg(self.key, lo // 4)  # 4 uniform words per AES block
+        pos = lo
+
+        def fill(out: np.ndarray) -> None:
+            nonlocal pos
+            start, m = pos, out.size
+            pos += m
+            sc = _scratch(m)
+            x = sc.x[:m]
+            end = min(start + m, d)
+            if end > start:  # the update's coordinates, widened to float64 first (not float32 arithmetic)
+                np.copyto(x[: end - start], self.update[start:end])
+                np.multiply(x[: end - start], c.value_scale, out=x[: end - start])
+            if start + m > d:  # weight, aux scalars and the clamp counter's slot
+                x[max(d - start, 0) :] = self.tail[max(start - d, 0) : start + m - d]
+            # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[result] = x. Float64 keeps
+            # u to 2^-(52 - log2 L) resolution (2^-21 for b = 32, 2^-10 at the cap), bounding the bias.
+            np.add(x, sc.uniform(enc, m), out=x)
+            np.floor(x, out=x)
+            hi_, lo_ = float(x.max()), float(x.min())
+            if not (math.isfinite(hi_) and math.isfinite(lo_)):  # NaN/Inf: the device will be excluded
+                with self._lock:
+                    self.finite = False
+                x[:] = 0.0
+            elif hi_ > L or lo_ < -L:
+                over = int(np.count_nonzero(x > L)) + int(np.count_nonzero(x < -L))
+                np.clip(x, -L, L, out=x)
+                with self._lock:
+                    self.clamped += over
+            np.copyto(out.view(self._signed), x, casting="unsafe")
+
+        return fill
+
+    def finish(self, ints: np.ndarray) -> None:
+        """Add the clamp count into the counter slot and reduce to Z_{2^b} (after every chunk was filled)."""
+        c = self.codec
+        ints[-1] += ints.dtype.type(min(self.clamped, c.level))
+        if c.bits not in (32, 64):
+            np.bitwise_and(ints, ints.dtype.type((1 << c.bits) - 1), out=ints)
 
 
 @dataclass
 class Encoded:
     ints: np.ndarray  # word dtype, values in Z_{2^b}
     clamped: int  # coordinates that were outside their bound (clamped)
+    finite: bool = True  # False when the input held NaN/Inf (the integers are then meaningless)
 
 
 @dataclass
@@ -68,7 +149,7 @@ class FixedPointCodec:
     weight_bound: float
     aux_keys: tuple[str, ...]
     aux_bound: float
-    _scratch: list[_Scratch] = field(default_factory=list, compare=False, repr=False)
+    workers: int = 1  # threads that encode disjoint ranges of the vector
 
     def __post_init__(self) -> None:
         if self.level < 1:
@@ -105,34 +186,27 @@ class FixedPointCodec:
         """Worst-case |decoded − exact| per update coordinate of the sum (each rounding errs by < 1 step)."""
         return contributors / self.value_scale
 
+    def encoder(self, update: np.ndarray, weight: float, aux: dict[str, float], key: bytes) -> ChunkEncoder:
+        """A chunk-wise encoder of one device's input (used by `encode` and fused into masking)."""
+        return ChunkEncoder(self, update, weight, aux, key)
+
     def encode(self, update: np.ndarray, weight: float, aux: dict[str, float], key: bytes) -> Encoded:
         """Device side: scale, stochastically round (unbiased), clamp to [−L, L], map into Z_{2^b}.
 
-        `key` seeds the rounding stream (see `rounding_key`); equal inputs and keys give equal integers.
+        `key` seeds the rounding stream (see `rounding_key`); equal inputs and keys give equal integers,
+        whatever the number of workers or chunking. A non-finite input gives `finite=False` (device excluded).
         """
-        L, d = self.level, self.dim
-        if not self._scratch:
-            self._scratch.append(_Scratch(self.length))
-        sc = self._scratch[0]
-        x = sc.x
-        np.multiply(update, self.value_scale, out=x[:d], dtype=np.float64)  # not float32 (NEP 50)
-        x[d] = weight * (L / self.weight_bound)
-        x[d + 1 : -1] = [float(aux.get(k, 0.0)) * (L / self.aux_bound) for k in self.aux_keys]
-        x[-1] = 0.0
-        # floor(x + u), u ~ U[0,1): rounds up with probability frac(x), so E[result] = x. Float64 keeps
-        # u to 2^-(52 - log2 L) resolution (2^-21 for b = 32, 2^-10 at the cap), bounding the bias in steps.
-        np.add(x, sc.uniform(key), out=x)
-        np.floor(x, out=x)
-        clamped = int(np.count_nonzero(x > L)) + int(np.count_nonzero(x < -L))
-        if clamped:
-            np.clip(x, -L, L, out=x)
-        x[-1] = min(clamped, L)
-        # float64 → int64 → word: the unsigned cast wraps negatives mod 2^word, which 2^b divides
-        np.copyto(sc.i64, x, casting="unsafe")
-        ints = sc.i64.astype(word_dtype(self.bits))
-        if self.bits not in (32, 64):
-            np.bitwise_and(ints, ints.dtype.type((1 << self.bits) - 1), out=ints)
-        return Encoded(ints, clamped)
+        enc = self.encoder(update, weight, aux, key)
+        ints = np.empty(self.length, dtype=word_dtype(self.bits))
+
+        def work(_w: int, lo: int, hi: int) -> None:
+            fill = enc.filler(lo)
+            for start in range(lo, hi, CHUNK):
+                fill(ints[start : min(start + CHUNK, hi)])
+
+        run_ranges(self.length, self.workers, CHUNK, work)
+        enc.finish(ints)
+        return Encoded(ints, enc.clamped, enc.finite)
 
     def to_signed(self, total: np.ndarray) -> np.ndarray:
         """Z_{2^b} → signed int64 in [−2^(b−1), 2^(b−1))."""
