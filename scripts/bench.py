@@ -59,6 +59,11 @@ PRESETS: dict[str, dict] = {
     "issue10": {"data": "data/chitchat", "model": {}, "cohort": 50, "scaling": [10, 50, 200], "repeats": 3,
                 "scaling_repeats": 2, "variant_cohorts": [10, 50, 200], "variant_budget_s": 150, "eval_users": 40, "eval_repeats": 3,
                 "ttp_rounds": 10, "ttp_eval_every": 2, "ttp_val_users": 30, "ttp_max_rounds": 200},
+    # the default recipe's small devices (at most 32 sentences = 2 local steps each) at cohort 100
+    "default_recipe": {"data": "data/chitchat", "model": {"data.max_sentences_per_device": 32, "privacy.clip_bound": 0.3},
+                       "cohort": 100, "scaling": [20, 100, 400], "repeats": 3, "scaling_repeats": 2,
+                       "variant_cohorts": [100], "variant_budget_s": 60, "eval_users": 40, "eval_repeats": 3,
+                       "ttp_rounds": 10, "ttp_eval_every": 2, "ttp_val_users": 30, "ttp_max_rounds": 100},
     "small": {"data": "data/chitchat", "model": {"model.embedding_dim": 32, "model.hidden_dim": 64}, "cohort": 10,
               "scaling": [5, 10, 20], "repeats": 2, "scaling_repeats": 1, "variant_cohorts": [5, 10], "variant_budget_s": 60, "eval_users": 10,
               "eval_repeats": 2, "ttp_rounds": 4, "ttp_eval_every": 2, "ttp_val_users": 10, "ttp_max_rounds": 40},
@@ -67,7 +72,7 @@ PRESETS: dict[str, dict] = {
              "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "variant_budget_s": 30, "eval_users": 3,
              "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
 }
-SECTIONS = ("floor", "scaling", "variants", "eval", "ttp")
+SECTIONS = ("floor", "scaling", "parallel", "variants", "eval", "ttp")
 
 
 def load() -> float:
@@ -99,8 +104,9 @@ def cohort_batches(sim: Simulator, round_idx: int) -> tuple[list[int], list[Batc
 class Floor:
     """Plain torch: one LSTM LM and one SGD optimizer, trained over a list of batches; no federation."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Simulator, threads: int) -> None:
         cfg = sim.cfg
+        self.threads = threads
         if cfg.model.arch != "lstm" or cfg.model.tie_embeddings or cfg.model.lora.enabled or cfg.dpsgd.enabled \
                 or cfg.device.loss != "full" or cfg.device.optimizer != "sgd" or cfg.device.momentum:
             raise ValueError("the floor is defined for the untied full-softmax LSTM trained with plain SGD")
@@ -111,6 +117,7 @@ class Floor:
     def train(self, batches: list[Batch]) -> float:
         m, opt = self.model, self.opt
         m.train()
+        torch.set_num_threads(self.threads)  # one model on all the threads (a simulator may have set fewer)
         t0 = time.perf_counter()
         for inputs, targets, mask in batches:
             h, _ = m.rnn(m.embedding(inputs))
@@ -144,9 +151,9 @@ def work(batches: list[Batch]) -> dict[str, int]:
     return {"steps": len(batches), "target_tokens": int(sum(int(b[2].sum()) for b in batches))}
 
 
-def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int) -> dict:
+def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int, threads: int) -> dict:
     cohort, batches = cohort_batches(sim, round_idx)
-    floor = Floor(sim)
+    floor = Floor(sim, threads)
     la = load()
     t = interleaved({"floor": lambda: floor.train(batches), "round": lambda: timed_round(sim, round_idx)}, warmup, repeats)
     f, r = statistics.median(t["floor"]), statistics.median(t["round"])
@@ -186,6 +193,23 @@ def variant_speed(mk, variant: str, cohorts: list[int], round_idx: int, floor_se
     except Exception as e:  # noqa: BLE001 - report the failure as data, keep the other sections
         return {"result": None, "error": f"{type(e).__name__}: {e}", "partial": out}
     return out
+
+
+def parallel_gain(mk, round_idx: int, repeats: int, threads: int, workers: list[int]) -> dict:
+    """Round time of the same cohort with 1, 2, ... devices trained at once (threads split between them),
+    interleaved, next to the floor on all threads: what training several simulated devices at once gains."""
+    sims = {w: Simulator(mk({"device_workers": w})) for w in workers}
+    _, batches = cohort_batches(sims[workers[0]], round_idx)
+    floor = Floor(sims[workers[0]], threads)
+    fns = {"floor": lambda: floor.train(batches)}
+    fns.update({f"device_workers={w}": (lambda s=s: timed_round(s, round_idx)) for w, s in sims.items()})
+    la = load()
+    t = interleaved(fns, 1, repeats)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    base = med[f"device_workers={workers[0]}"]
+    return {"seconds": med, "runs": t, "over_floor": {k: v / med["floor"] for k, v in med.items()},
+            "gain_over_one_device_at_a_time": {k: base / v for k, v in med.items() if k != "floor"},
+            "load_avg": [la, load()]}
 
 
 def eval_speed(sim: Simulator, repeats: int) -> dict:
@@ -241,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="issue10", choices=sorted(PRESETS))
     ap.add_argument("--data", help="a `pflm prepare` directory (default: the preset's)")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of the floor and of every round (set explicitly)")
+    ap.add_argument("--device-workers", type=int, default=2,
+                    help="simulated devices trained at once in the timed rounds (the threads are split between them)")
     ap.add_argument("--round", type=int, default=0, help="round index whose cohort is timed")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     ap.add_argument("--fast", default="", help="extra k=v overrides of the fast recipe (space separated)")
@@ -264,16 +290,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def mk(*layers: dict) -> RecipeConfig:
         return make_recipe(data, tmp, args.threads, p["model"], {"data.val_users": p["eval_users"],
-                           "server.cohort_size": p["cohort"]}, *layers)
+                           "server.cohort_size": p["cohort"], "device_workers": args.device_workers}, *layers)
 
-    doc: dict = {"preset": args.preset, "data": data, "threads": args.threads, "torch": torch.__version__,
+    doc: dict = {"preset": args.preset, "data": data, "threads": args.threads, "device_workers": args.device_workers,
+                 "torch": torch.__version__,
                  "cpu_count": os.cpu_count(), "round": args.round, "command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
                  "load_avg_start": list(os.getloadavg()), "recipe": {**BASE, **p["model"], "server.cohort_size": p["cohort"]}}
     t_all = time.perf_counter()
     base_sim = Simulator(mk())
     floor_secs: dict[int, float] = {}
     if "floor" in sections:
-        res = floor_vs_round(base_sim, args.round, 1, p["repeats"])
+        res = floor_vs_round(base_sim, args.round, 1, p["repeats"], args.threads)
         main_res = dict(res)
         doc["floor"] = {k: res[k] for k in ("cohort", "steps", "target_tokens", "floor_seconds", "floor_runs")}
         doc["round"] = {k: res[k] for k in ("round_seconds", "round_runs", "devices_per_second", "tokens_per_second")}
@@ -286,12 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             if c == p["cohort"] and "floor" in sections:
                 res = dict(main_res)  # the same measurement as sections (a)-(c)
             else:
-                res = floor_vs_round(Simulator(mk({"server.cohort_size": c})), args.round, 0, p["scaling_repeats"])
+                res = floor_vs_round(Simulator(mk({"server.cohort_size": c})), args.round, 0, p["scaling_repeats"],
+                                     args.threads)
             res.pop("floor_runs"), res.pop("round_runs")
             doc["scaling"][str(c)] = res
             floor_secs[c] = res["floor_seconds"]
         ratios = [v["round_over_floor"] for v in doc["scaling"].values()]
         doc["scaling_round_over_floor_spread"] = max(ratios) / min(ratios)
+    if "parallel" in sections:
+        doc["parallel"] = parallel_gain(mk, args.round, p["repeats"], args.threads, sorted({1, args.threads}))
     if "variants" in sections:
         doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
                            for v in ("peu_lora_nce", "dpsgd")}

@@ -52,7 +52,7 @@ def test_one_device_round_equals_floor(synthetic_data, tmp_path) -> None:
     """Cohort of one, no clipping, FedAvg with server lr 1: the new global model is the floor's trained model."""
     sim = _sim(synthetic_data, str(tmp_path), **{"server.cohort_size": 1, "privacy.clip_bound": math.inf,
                                                  "device.lr": 0.7})
-    floor = bench.Floor(sim)
+    floor = bench.Floor(sim, 1)
     _, batches = bench.cohort_batches(sim, 2)
     assert len(batches) >= 2
     before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
@@ -69,7 +69,7 @@ def test_one_device_round_equals_floor(synthetic_data, tmp_path) -> None:
 def test_floor_refuses_other_recipes(synthetic_data, tmp_path) -> None:
     sim = _sim(synthetic_data, str(tmp_path), **{"device.loss": "sampled_softmax"})
     try:
-        bench.Floor(sim)
+        bench.Floor(sim, 1)
     except ValueError as e:
         assert "full-softmax" in str(e)
     else:

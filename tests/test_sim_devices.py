@@ -29,8 +29,10 @@ def _final_state(data: str, out: str, **extra) -> tuple[dict[str, torch.Tensor],
         {},
         {"privacy.noise_multiplier": 0.5, "peu.mode": "sampled", "peu.k": 40, "server.optimizer": "fedadam", "server.lr": 0.05},
         {"aggregation": "secure", "aggregation.secagg.neighbours": 4},
+        {"dpsgd.enabled": "true", "dpsgd.noise_multiplier": 0.5, "dpsgd.grad_sample_mode": "hooks", "model.lora.rank": 4,
+         "peu.mode": "topk", "peu.k": 60, "device.loss": "nce", "device.num_samples": 16},
     ],
-    ids=["plain", "dp-peu-fedadam", "secagg"],
+    ids=["plain", "dp-peu-fedadam", "secagg", "dpsgd-lora-nce"],
 )
 def test_parallel_devices_equal_sequential(synthetic_data, tmp_path, extra) -> None:
     # each device runs on one torch thread in both settings, and the server sums in cohort order
@@ -44,9 +46,9 @@ def test_parallel_devices_equal_sequential(synthetic_data, tmp_path, extra) -> N
 
 def test_thread_plan_splits_the_cpu_budget() -> None:
     cfg = load_recipe(RECIPE, ["threads=4", "device_workers=2"])
-    assert thread_plan(cfg) == (2, 2)
-    assert thread_plan(load_recipe(RECIPE, ["threads=3", "device_workers=0"])) == (3, 1)
-    assert thread_plan(load_recipe(RECIPE, ["threads=2", "device_workers=1"])) == (1, 2)
+    assert thread_plan(cfg) == (2, 2, 4)
+    assert thread_plan(load_recipe(RECIPE, ["threads=3", "device_workers=0"])) == (3, 1, 3)
+    assert thread_plan(load_recipe(RECIPE, ["threads=2", "device_workers=1"])) == (1, 2, 2)
     with pytest.raises(ConfigError, match="device_workers"):
         load_recipe(RECIPE, ["device_workers=-1"])
 

@@ -34,10 +34,11 @@ DEFAULT_NODE_WAIT = 120.0
 class FlowerSimulator(Simulator):
     """The in-process simulator whose device fan-out goes through a Flower `Grid` instead of a local loop."""
 
+    local_devices = False
+
     def __init__(self, cfg: RecipeConfig, grid: Grid, round_timeout: float = DEFAULT_ROUND_TIMEOUT,
                  node_wait: float = DEFAULT_NODE_WAIT) -> None:
         super().__init__(cfg)
-        self.aggregator.concurrent_uploads = 1  # replies are added one at a time on the ServerApp
         self.grid = grid
         self.round_timeout = round_timeout
         self.node_wait = node_wait

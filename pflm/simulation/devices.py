@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -27,12 +28,25 @@ T = TypeVar("T")
 AHEAD = 2  # devices queued per worker beyond the one being consumed (bounds memory held in finished updates)
 
 
-def thread_plan(cfg: RecipeConfig) -> tuple[int, int]:
-    """(device workers, torch threads per worker) for a recipe: `threads` CPU threads in all (0 = every CPU),
-    split between `device_workers` concurrent devices (0 = one device per thread)."""
+def thread_plan(cfg: RecipeConfig) -> tuple[int, int, int]:
+    """(device workers, torch threads per worker, all threads) for a recipe: `threads` CPU threads in all
+    (0 = every CPU), split between `device_workers` concurrent devices (0 = one device per thread)."""
     total = cfg.threads or available_cpus()
     workers = cfg.device_workers or total
-    return workers, max(1, total // workers)
+    return workers, max(1, total // workers), total
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block (evaluation, the server step) with n torch threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class DevicePool:

@@ -25,7 +25,7 @@ from pflm.privacy.clipping import NonFiniteUpdate
 from pflm.server.server import FederatedServer, RoundPlan
 from pflm.simulation import artifacts
 from pflm.simulation.checkpoint import load_checkpoint, save_checkpoint
-from pflm.simulation.devices import DevicePool, thread_plan
+from pflm.simulation.devices import DevicePool, thread_plan, torch_threads
 
 EVAL_MAX_TOKENS = 120
 
@@ -63,12 +63,16 @@ def run_device(trainer: DeviceTrainer, server: FederatedServer, plan: RoundPlan,
 
 
 class Simulator:
+    local_devices = True  # False where devices train elsewhere (Flower): one trainer, no device threads
+
     def __init__(self, cfg: RecipeConfig) -> None:
         if not cfg.data.dir:
             raise PflmError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
         self.cfg = cfg
-        workers, torch_threads = thread_plan(cfg)
-        torch.set_num_threads(torch_threads)
+        workers, self.torch_threads, self.all_threads = thread_plan(cfg)
+        if not self.local_devices:
+            workers, self.torch_threads = 1, self.all_threads
+        torch.set_num_threads(self.torch_threads)
         self.fd = FederatedData.open(cfg.data.dir)
         self.vocab_size = self.fd.tokenizer.vocab_size
         n_train = self.fd.num_users("train")
@@ -121,6 +125,8 @@ class Simulator:
 
     def run_round(self, r: int) -> dict:
         t0 = time.perf_counter()
+        if torch.get_num_threads() != self.torch_threads:  # another component of this process changed it
+            torch.set_num_threads(self.torch_threads)
         server, agg, fd = self.server, self.aggregator, self.fd
         plan = server.plan_round(r)
         self.devices.load_round(r, plan.device_state, plan.rows)
@@ -185,7 +191,8 @@ class Simulator:
                     break
                 m = self.run_round(r)
                 if (r + 1) % cfg.server.eval_every == 0 or r + 1 == rounds:
-                    last_val = evaluate(self.server.model, self.val_set)
+                    with torch_threads(self.all_threads):
+                        last_val = evaluate(self.server.model, self.val_set)
                     m["val_perplexity"] = last_val["perplexity"]
                     m["val_word_perplexity"] = last_val["word_perplexity"]
                 mf.write(json.dumps(m) + "\n")
@@ -203,9 +210,10 @@ class Simulator:
     def finish(self, wall: float, stop_reason: str | None) -> dict:
         cfg, model = self.cfg, self.server.model
         artifacts.export_model(self.run_dir, model)
-        val = evaluate(model, self.val_set)
         test_set = load_eval_set(self.fd, "test", cfg.data.test_users)
-        test = evaluate(model, test_set)
+        with torch_threads(self.all_threads):  # one model: all threads (device workers each had fewer)
+            val = evaluate(model, self.val_set)
+            test = evaluate(model, test_set)
         n_train_sent = int(self.fd.manifest["splits"]["train"]["sentences"])
         uni = unigram_baseline(self.fd.token_counts(), test_set, n_train_sent)
         priv = self.server.privacy.summary()
