@@ -186,23 +186,26 @@ class SecureAggregator(Aggregator):
         keys = tuple(cfg.aux_keys or self.ctx.extra.get("aux_keys") or sorted(aux))
         return FixedPointCodec(
             cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_factor,
-            cfg.max_weight, keys, cfg.aux_bound, self.workers,
+            cfg.max_weight, keys, cfg.aux_bound, self._upload_workers(),
         )
+
+    def _upload_workers(self) -> int:
+        """Threads for one device's encoding and masking: the CPU threads shared by the concurrent uploads."""
+        return max(1, self.workers // max(1, self.concurrent_uploads))
 
     def _codec_for(self, aux: dict[str, float]) -> FixedPointCodec:
         """The round's codec (and mask stream), fixed by the first upload's aux layout; thread-safe."""
         with self._lock:
             if self.codec is None:
                 self.codec = self._make_codec(aux)
-                per_upload = max(1, self.workers // max(1, self.concurrent_uploads))
-                self._upload_stream = MaskStream(self.codec.length, self.config.bits, per_upload)
+                self._upload_stream = MaskStream(self.codec.length, self.config.bits, self._upload_workers())
                 self._stream = MaskStream(self.codec.length, self.config.bits, self.workers)
             return self.codec
 
     def upload(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> Upload:
         """The device's side of MaskedInputCollection: encode (fixed point) and mask, fused in one pass."""
         if self.ctx is None:
-            raise AggregationFailed("SecureAggregator.add called before begin()")
+            raise AggregationFailed("SecureAggregator.upload called before begin()")
         ctx, u, aux = self.ctx, int(device_id), dict(aux or {})
         if update.numel() != ctx.dim:
             raise AggregationFailed(f"device {u} sent an update of length {update.numel()}, expected {ctx.dim}")
@@ -226,24 +229,22 @@ class SecureAggregator(Aggregator):
         x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encoded chunk by chunk
         t0 = time.perf_counter()
         key = rounding_key(self._seed if self.config.rounding == "seeded" else None, ctx.round, u)
-        encoder = codec.encoder(x, float(weight), aux, key)
         if self.config.mode == "full":
             assert self.server is not None
+            encoder = codec.encoder(x, float(weight), aux, key)
             payload = self.clients[u].masked_input(encoder, self.server.mask_list(u), self._upload_stream)
-            stage = "masked_input"
+            stage, finite, clamped = "masked_input", encoder.finite, encoder.clamped
         else:
-            payload = np.empty(codec.length, dtype=word_dtype(self.config.bits))
-            self._upload_stream.add_many(payload, [], source=encoder.filler)
-            encoder.finish(payload)
-            stage = "encode"
+            enc = codec.encode(x, float(weight), aux, key)
+            payload, stage, finite, clamped = enc.ints, "encode", enc.finite, enc.clamped
         with self._lock:
             self._secs[stage] += time.perf_counter() - t0
-        if not encoder.finite:
+        if not finite:
             return Upload(u, excluded="nonfinite")
         probe = None
         if self.config.measure_quant_error:  # an evenly spaced sample of coordinates (cheap for any dim)
             probe = x[:: self._probe_stride(ctx.dim)].astype(np.float64)
-            if encoder.clamped:
+            if clamped:
                 np.clip(probe, -codec.value_bound, codec.value_bound, out=probe)
         return Upload(u, payload, diagnostic=probe)
 

@@ -133,11 +133,10 @@ class SecAggClient:
         encoded: np.ndarray | ChunkEncoder,
         mask_with: Sequence[int],
         stream: MaskStream | None = None,
-        inplace: bool = False,
     ) -> np.ndarray:
         """Round 2 (MaskedInputCollection): y = x + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^b.
 
-        `encoded` is the fixed-point vector x (copied unless `inplace`), or a `ChunkEncoder` that produces x
+        `encoded` is the fixed-point vector x (left unchanged), or a `ChunkEncoder` that produces x
         chunk by chunk inside the masking pass (same integers, one pass over memory).
         """
         s = self.session
@@ -164,7 +163,7 @@ class SecAggClient:
             stream.add_many(y, masks, source=encoded.filler)
             encoded.finish(y)  # the clamp count goes into its (already masked) slot: masks are additive
         else:
-            y = encoded if inplace else encoded.copy()
+            y = encoded.copy()
             stream.add_many(y, masks)
         s.reduce(y)
         self.bytes_sent += (length * s.bits + 7) // 8

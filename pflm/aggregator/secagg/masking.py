@@ -32,8 +32,8 @@ def prg(key: bytes, block: int = 0):
     return Cipher(algorithms.AES(key[:16]), modes.CTR(block.to_bytes(16, "big") if block else _NONCE16)).encryptor()
 
 
-
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -43,15 +43,16 @@ def run_ranges(length: int, workers: int, align: int, work: Callable[[int, int, 
     Range starts are multiples of `align` (keystreams can then start on a block boundary); ranges shorter than
     two chunks are not split. Returns the results in range order; the first exception is re-raised.
     """
-    global _POOL
+    global _POOL, _POOL_SIZE
     per = -(-length // max(workers, 1))
     per = -(-per // align) * align
     if workers <= 1 or length <= 2 * align:
         return [work(0, 0, length)]
     bounds = [(i, lo, min(lo + per, length)) for i, lo in enumerate(range(0, length, per))]
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < len(bounds) - 1:
-            _POOL = ThreadPoolExecutor(max_workers=max(len(bounds) - 1, available_cpus()), thread_name_prefix="pflm-secagg")
+        if _POOL is None or _POOL_SIZE < len(bounds) - 1:
+            _POOL_SIZE = max(len(bounds) - 1, available_cpus())
+            _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="pflm-secagg")
         pool = _POOL
     futures = [pool.submit(work, *b) for b in bounds[1:]]
     first = work(*bounds[0])  # the calling thread takes the first range
