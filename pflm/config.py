@@ -108,7 +108,10 @@ class PrivacyConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     population: int = 0  # N for q = noise_cohort / N; 0 = number of training users
     noise_cohort: int = 0  # M: noise calibrated as if M users were sampled; 0 = the cohort size
-    noise_seed: Literal["run_seed", "urandom"] = "run_seed"  # reproducible simulation vs fresh secret key
+    # False (default): the noise, cohort and device keys come from a fresh OS-CSPRNG run key kept in the run
+    # directory (owner-only). True: they are derived from the public `seed` — bit-reproducible research runs
+    # whose guarantee does NOT hold against anyone who knows the seed (summary.json and the CLI say so).
+    reproducible: bool = False
     adaptive_clipping: AdaptiveClipConfig = field(default_factory=AdaptiveClipConfig)
 
     def __post_init__(self) -> None:
@@ -142,7 +145,7 @@ class AggregationConfig:
 class ServerConfig:
     rounds: int = 10
     cohort_size: int = 10
-    sampling: Literal["fixed", "poisson"] = "fixed"
+    sampling: Literal["fixed", "poisson"] = "poisson"  # DP runs need poisson (what the accountants analyse)
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
@@ -180,6 +183,7 @@ class RecipeConfig:
     backend: Literal["inprocess", "flower"] = "inprocess"
     threads: int = 0  # CPU threads the run may use (0 = every CPU this process may run on)
     device_workers: int = 1  # simulated devices trained at once, each with threads/device_workers torch threads (0 = one per thread)
+    diagnostics: bool = False  # also write NOT-PRIVATE exact per-round values (train loss, clip counts) to diagnostics.jsonl
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -194,7 +198,12 @@ class RecipeConfig:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")
         _check(self.threads >= 0, "threads must be >= 0 (0 = every CPU)")
         _check(self.device_workers >= 0, "device_workers must be >= 0 (0 = one simulated device per thread)")
-        if self.privacy.noise_multiplier not in (None, 0.0) or self.privacy.target_epsilon is not None:
+        if self.private:
+            _check(
+                self.server.sampling == "poisson",
+                "server.sampling=fixed is not allowed with DP noise: fixed-size cohorts (sampling without "
+                "replacement) are not what the accountant analyses; use server.sampling=poisson",
+            )
             _check(
                 self.server.weighting == "uniform",
                 "server.weighting=tokens is not allowed with DP noise (sensitivity would depend on token counts); "
@@ -207,6 +216,11 @@ class RecipeConfig:
                 "aggregation=secure with server.weighting=tokens needs aggregation.secagg.max_weight "
                 "(the largest token count a device may report) so weights are not clamped",
             )
+
+    @property
+    def private(self) -> bool:
+        """True when the recipe adds DP noise (a non-zero σ or a target ε)."""
+        return self.privacy.noise_multiplier not in (None, 0.0) or self.privacy.target_epsilon is not None
 
     @property
     def run_dir(self) -> Path:

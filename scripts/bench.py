@@ -30,6 +30,7 @@ from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.evaluation.perplexity import evaluate
 from pflm.io_utils import atomic_write_text
 from pflm.model.factory import build_model
+from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -41,7 +42,7 @@ BASE = {
     "model.embedding_dim": 128, "model.hidden_dim": 256, "model.num_layers": 1, "model.tie_embeddings": False,
     "model.dropout": 0.0, "device.epochs": 1, "device.batch_size": 16, "device.lr": 1.0, "device.loss": "full",
     "server.optimizer": "fedavg", "server.lr": 1.0, "server.cohort_size": 50, "privacy.clip_bound": 0.5,
-    "privacy.noise_multiplier": 0.0,
+    "privacy.noise_multiplier": 0.0, "server.sampling": "fixed",  # the same cohort size every round
 }
 VARIANTS: dict[str, dict] = {
     "base": {},
@@ -95,7 +96,10 @@ def cohort_batches(sim: Simulator, round_idx: int) -> tuple[list[int], list[Batc
     lv = LocalVocab(sim.vocab_size, plan.rows)
     batches: list[Batch] = []
     for user in plan.cohort:
-        rng, _, seqs, lengths = device_setup(sim.fd.user_tokens("train", user), cfg.seed, round_idx, user,
+        # the simulator's key of this device (its run key is secret unless privacy.reproducible; the bench
+        # process owns the simulator, so it may read it)
+        key = subkey(sim.run_key, "device", round_idx, user)
+        rng, _, seqs, lengths = device_setup(sim.fd.user_tokens("train", user), key,
                                              cfg.data.max_sentences_per_device, cfg.data.max_tokens)
         batches.extend(device_batches(seqs, lengths, rng, cfg.device.epochs, cfg.device.batch_size, lv))
     return plan.cohort, batches

@@ -46,6 +46,7 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from pflm.config import load_recipe
     from pflm.device.trainer import DeviceTrainer
+    from pflm.secure_random import new_key
 
     mode, peu = CONFIGS[args.child]
     over = [
@@ -74,7 +75,7 @@ def run_child(args: argparse.Namespace) -> dict:
     for d in range(args.devices + 1):
         sents = device_sentences()
         t = time.perf_counter()
-        res = trainer.train(d, sents)
+        res = trainer.train(d, sents, new_key())
         dt = time.perf_counter() - t
         if d == 0:
             continue  # warm-up device

@@ -86,7 +86,8 @@ def vector_bench(args: argparse.Namespace) -> list[dict]:
             if graph == "full" and n > args.max_full_graph_cohort:
                 continue
             for mode in args.modes.split(","):
-                cfg = SecAggConfig(mode=mode, neighbours=graph, dropout_masked_input=args.dropout, threads=args.secagg_threads)
+                cfg = SecAggConfig(mode=mode, neighbours=graph, dropout_masked_input=args.dropout, threads=args.secagg_threads,
+                                   measure_quant_error=True)  # benchmark diagnostic (plaintext probes; off by default)
                 timing, total = run_round(SecureAggregator(cfg), ctx, ups)
                 row[f"{mode}/{graph}"] = summarise(n, timing, total, plain_s)
                 print(f"# cohort {n} {mode}/{graph}: {total:.2f} s (plain {plain_s:.3f} s)", file=sys.stderr, flush=True)

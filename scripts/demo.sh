@@ -12,7 +12,8 @@ OUT=${PFLM_DEMO_OUT:-runs}
 NBEST=${PFLM_DEMO_NBEST:-data/nbest}
 
 if [ ! -f "$DATA/manifest.json" ]; then
-  $PFLM prepare --corpus chitchat --max-sentences 1000 --out "$DATA"
+  # public 10k-word vocabulary and prior (wordfreq): DP runs refuse vocabularies counted on the training users
+  $PFLM prepare --corpus chitchat --tokenizer-input wordfreq --vocab-size 10000 --max-sentences 1000 --out "$DATA"
 fi
 $PFLM train recipes/chitchat_dp.yaml "data.dir=$DATA" "output_dir=$OUT" "$@"
 

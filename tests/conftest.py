@@ -11,12 +11,31 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory) -> str:
+def private_synthetic_data(tmp_path_factory) -> str:
+    """Synthetic users whose vocabulary and prior are counted on the training users themselves (private):
+    non-DP runs may use them, DP runs must refuse them."""
     from pflm.data.prepare import PrepareConfig, prepare
     from pflm.data.tokenizer import TokenizerConfig
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     prepare(PrepareConfig(out=str(out), corpus="synthetic", synthetic_users=120, tokenizer=TokenizerConfig(vocab_size=300)))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> str:
+    """Synthetic users whose vocabulary and prior come from a *public* proxy corpus (other generated users,
+    never the training users): the data DP recipes accept, and what most tests train on."""
+    from data_prep.synthetic import generate
+    from pflm.data.prepare import PrepareConfig, prepare
+    from pflm.data.tokenizer import TokenizerConfig
+
+    root = tmp_path_factory.mktemp("public")
+    proxy = root / "public_corpus.txt"
+    proxy.write_text("\n".join(generate(150, seed=12345)["text"]) + "\n")
+    out = root / "synthetic"
+    prepare(PrepareConfig(out=str(out), corpus="synthetic", synthetic_users=120,
+                          tokenizer=TokenizerConfig(vocab_size=300, tokenizer_input=str(proxy))))
     return str(out)
 
 
@@ -30,6 +49,9 @@ def tiny_overrides(data_dir: str, out_dir: str, **extra) -> list[str]:
         "server.rounds": 3,
         "server.cohort_size": 5,
         "threads": 1,
+        # Deterministic test runs: comparisons between two runs (backends, worker counts, resume) need the
+        # seed-derived key. Tests of the default secret-key behaviour set privacy.reproducible=false.
+        "privacy.reproducible": "true",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

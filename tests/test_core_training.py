@@ -11,6 +11,7 @@ from opacus.accountants import RDPAccountant
 
 from pflm.aggregator.plain import PlainSumAggregator
 from pflm.config import load_recipe
+from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator, run_device
 from tests.conftest import tiny_overrides
 
@@ -27,7 +28,8 @@ def test_clipped_updates_never_exceed_bound(synthetic_data, tmp_path):
     sim.trainer.load_round(0, plan.device_state, plan.rows)
     clipped = 0
     for user in plan.cohort:
-        res, vec, aux = run_device(sim.trainer, sim.server, plan, user, sim.fd.user_tokens("train", user))
+        key = subkey(sim.run_key, "device", 0, user)  # the key the simulator gives this device
+        res, vec, aux = run_device(sim.trainer, sim.server, plan, user, sim.fd.user_tokens("train", user), key)
         assert float(vec.norm()) <= 0.05 * (1 + 1e-6)
         assert float(res.update.norm()) > 0
         clipped += aux["clipped"]
@@ -99,8 +101,8 @@ def test_nonfinite_update_is_dropped_and_counted(synthetic_data, tmp_path, monke
     real_train = sim.trainer.train
     bad_user = {}
 
-    def poisoned(user_id, sentences):
-        res = real_train(user_id, sentences)
+    def poisoned(user_id, sentences, device_key):
+        res = real_train(user_id, sentences, device_key)
         if not bad_user:
             bad_user["id"] = user_id
             res.update[0] = float("nan")
@@ -109,7 +111,7 @@ def test_nonfinite_update_is_dropped_and_counted(synthetic_data, tmp_path, monke
     monkeypatch.setattr(sim.trainer, "train", poisoned)
     m = sim.run_round(0)
     assert m["nonfinite_dropped"] == 1
-    assert m["contributors"] == 4
+    assert m["contributors"] == m["cohort"] - 1
     assert all(bool(torch.isfinite(p).all()) for p in sim.server.model.parameters())
 
 

@@ -7,6 +7,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from pflm.config import load_recipe
 from pflm.device.dpsgd import poisson_plan, sample_level_epsilon
+from pflm.secure_random import new_key
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
@@ -34,7 +35,7 @@ def test_device_metric_equals_opacus_accountant(synthetic_data, tmp_path, accoun
     seen = set()
     for user in plan.cohort[:3]:
         sents = sim.fd.user_tokens("train", user)
-        res = sim.trainer.train(user, sents)
+        res = sim.trainer.train(user, sents, new_key())
         n = res.num_sentences
         q = min(1.0, 4 / n)
         steps = max(1, round(2 / q))

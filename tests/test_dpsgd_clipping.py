@@ -8,6 +8,7 @@ import torch
 from pflm.config import load_recipe
 from pflm.device.batching import pack_sentences
 from pflm.errors import ConfigError
+from pflm.secure_random import new_key
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
@@ -71,7 +72,7 @@ def test_per_sample_grads_exact_and_clipped(synthetic_data, tmp_path, mode, loss
     ref_norms = ref_flat.norm(dim=1)
     assert bool((ref_norms > CLIP).any()), "the clip bound must bind for this test to mean anything"
     expected_bs = 4.5
-    dp._reset(expected_bs / b, b, torch.Generator().manual_seed(0))
+    dp._reset(expected_bs / b, b, new_key())
     noise = dp._noise_words(torch.Generator().manual_seed(7))
     per_seq = dp.gsm(inputs, targets, mask, noise)
     torch.testing.assert_close(per_seq.detach(), ref_losses, rtol=1e-5, atol=1e-6)
@@ -106,7 +107,7 @@ def test_empty_poisson_batch_is_a_noise_only_step(synthetic_data, tmp_path):
     _batch(sim)
     tr, dp = sim.trainer, sim.trainer.dpsgd
     before = [p.detach().clone() for p in tr.trainable]
-    dp._reset(0.25, 40, torch.Generator().manual_seed(1))  # expected batch size 10
+    dp._reset(0.25, 40, new_key())  # expected batch size 10
     dp._empty_step()
     delta = torch.cat([(p.detach() - p0).reshape(-1) for p, p0 in zip(tr.trainable, before)])
     assert delta.numel() > 20_000
@@ -120,7 +121,7 @@ def test_training_reports_empty_batches(synthetic_data, tmp_path):
     plan = sim.server.plan_round(0)
     sim.trainer.load_round(0, plan.device_state, plan.rows)
     user = min(plan.cohort, key=lambda u: len(sim.fd.user_tokens("train", u)))
-    res = sim.trainer.train(user, sim.fd.user_tokens("train", user))
+    res = sim.trainer.train(user, sim.fd.user_tokens("train", user), new_key())
     assert res.metrics["device_dp_steps"] == 50 and res.metrics["local_steps"] == 50
     assert 0 < res.metrics["device_dp_empty_batches"] < 50
     assert torch.isfinite(res.update).all() and float(res.update.norm()) > 0

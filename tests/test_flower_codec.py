@@ -10,6 +10,7 @@ from pflm.config import load_recipe
 from pflm.errors import PflmError
 from pflm.flower import codec, partition
 from pflm.flower.device import node_state, train_users
+from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator, run_device
 from tests.conftest import tiny_overrides
 
@@ -36,7 +37,9 @@ def test_plan_and_reply_round_trip_exactly(synthetic_data, tmp_path):
     plan = sim.server.plan_round(1)
     users = plan.cohort[:3]
     task = codec.decode_train(codec.encode_train(plan, users, codec.recipe_payload(cfg), sim.population, 1))
-    assert task.users == users and task.ctx == plan.ctx and task.population == sim.population
+    assert task.users == users and task.population == sim.population
+    assert task.ctx.cohort == users  # a node never learns who else was sampled
+    assert (task.ctx.round, task.ctx.dim, task.ctx.clip_bound) == (plan.ctx.round, plan.ctx.dim, plan.ctx.clip_bound)
     assert torch.equal(task.rows, plan.rows)
     assert task.device_state.keys() == plan.device_state.keys()
     for k, v in plan.device_state.items():
@@ -50,7 +53,8 @@ def test_plan_and_reply_round_trip_exactly(synthetic_data, tmp_path):
     sim.trainer.load_round(1, plan.device_state, plan.rows)
     assert [d.user for d in reply.devices] == users and reply.nonfinite == []
     for d in reply.devices:
-        res, vec, aux = run_device(sim.trainer, sim.server, plan, d.user, sim.fd.user_tokens("train", d.user))
+        key = subkey(sim.run_key, "device", 1, d.user)  # reproducible mode: the node derives the same key
+        res, vec, aux = run_device(sim.trainer, sim.server, plan, d.user, sim.fd.user_tokens("train", d.user), key)
         assert torch.equal(d.update, vec)
         assert d.weight == res.weight and d.num_tokens == res.num_tokens and d.aux == aux
         assert d.update.numel() == plan.ctx.dim

@@ -82,7 +82,7 @@ def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
     out_dir = tmp_path / "runs_flower"
     # one round: multi-round state is covered by test_flower_sim/test_flower_server; each round here costs a
     # fresh flwr-clientapp process (torch import) per SuperNode
-    extra = {"server.rounds": 1, "server.cohort_size": 5, "flower.num_supernodes": 2}
+    extra = {"server.rounds": 1, "server.cohort_size": 5, "flower.num_supernodes": 2, "server.sampling": "fixed"}
     overrides = tiny_overrides(synthetic_data, str(out_dir), **extra)
 
     procs: list[subprocess.Popen] = []

@@ -73,7 +73,8 @@ class LoopGrid:
 
 
 def _cfg(data, tmp_path, **extra):
-    base = {"server.rounds": 2, "server.cohort_size": 8, "flower.num_supernodes": 3, "backend": "flower"}
+    base = {"server.rounds": 2, "server.cohort_size": 8, "flower.num_supernodes": 3, "backend": "flower",
+            "server.sampling": "fixed"}
     base.update(extra)
     return load_recipe(RECIPE, tiny_overrides(data, str(tmp_path), **base))
 
@@ -86,7 +87,7 @@ def test_loop_grid_matches_inprocess(synthetic_data, tmp_path):
     extra = {"device.loss": "sampled_softmax", "device.num_samples": 32}  # noise words: per-(round, user) RNG
     cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
     FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
-    extra.update({"server.rounds": 2, "server.cohort_size": 8})
+    extra.update({"server.rounds": 2, "server.cohort_size": 8, "server.sampling": "fixed"})
     ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **extra))
     Simulator(ref).run(progress=False)
     a, b = load_file(str(cfg.run_dir / "model.safetensors")), load_file(str(ref.run_dir / "model.safetensors"))
@@ -140,7 +141,7 @@ def test_partition_setup_errors(synthetic_data, tmp_path):
 
 
 def test_secure_aggregation_through_flower_matches_inprocess(synthetic_data, tmp_path):
-    extra = {"server.rounds": 1, "server.cohort_size": 6, "aggregation.kind": "secure"}
+    extra = {"server.rounds": 1, "server.cohort_size": 6, "aggregation.kind": "secure", "server.sampling": "fixed"}
     cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
     FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
     extra.pop("flower.num_supernodes", None)

@@ -26,6 +26,7 @@ def test_flower_simulation_matches_inprocess(synthetic_data, tmp_path):
         "privacy.clip_bound": 0.3,
         "flower.num_supernodes": 3,
         "flower.cpus_per_client": 1,
+        "server.sampling": "fixed",  # not private: every round trains exactly 6 users
     }
     ref_cfg = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "inproc"), **extra))
     ref = Simulator(ref_cfg).run(progress=False)

@@ -77,11 +77,11 @@ def test_update_noise_multiplier_formula():
 
 
 def test_config_defaults_and_validation():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000)
+    cfg = AdaptiveClippingConfig(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000, expected_cohort=100)
     assert cfg.count_noise_std == 250.0  # paper default M/20
     for bad in [dict(initial_clip_bound=0.0), dict(target_quantile=1.0), dict(learning_rate=0.0),
-                dict(noise_multiplier=-1.0), dict(count_noise_std=0.1)]:
-        kw = dict(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000)
+                dict(noise_multiplier=-1.0), dict(count_noise_std=0.1), dict(expected_cohort=0)]:
+        kw = dict(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000, expected_cohort=100)
         kw.update(bad)
         with pytest.raises(ConfigError):
             AdaptiveClippingConfig(**kw)
@@ -110,7 +110,7 @@ def _simulate(ac: AdaptiveClipping, rounds: int, m: int, norms_rng: np.random.Ge
 def test_adaptive_clip_converges_to_target_quantile(gamma):
     m = 100
     cfg = AdaptiveClippingConfig(initial_clip_bound=0.05, noise_multiplier=1.0, target_quantile=gamma,
-                                 count_noise_std=m / 20)
+                                 count_noise_std=m / 20, expected_cohort=m)
     ac = AdaptiveClipping(cfg, SecureGaussian(derive_key(3)))
     used = _simulate(ac, 250, m, np.random.default_rng(0))
     true_quantile = math.exp(0.5 * float(np.quantile(np.random.default_rng(1).standard_normal(10**6), gamma)))
@@ -123,7 +123,7 @@ def test_adaptive_clip_converges_to_target_quantile(gamma):
 
 
 def test_adaptive_state_resume_is_exact_and_accounting_composes():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=0.2, noise_multiplier=1.0, count_noise_std=2.0)
+    cfg = AdaptiveClippingConfig(initial_clip_bound=0.2, noise_multiplier=1.0, count_noise_std=2.0, expected_cohort=20)
     full = AdaptiveClipping(cfg, SecureGaussian(derive_key(9)))
     ref = _simulate(full, 10, 20, np.random.default_rng(5))
     first = AdaptiveClipping(cfg, SecureGaussian(derive_key(9)))
@@ -143,7 +143,7 @@ def test_adaptive_state_resume_is_exact_and_accounting_composes():
 
 
 def test_adaptive_releases_only_noised_count():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=1.0, noise_multiplier=1.0, count_noise_std=3.0)
+    cfg = AdaptiveClippingConfig(initial_clip_bound=1.0, noise_multiplier=1.0, count_noise_std=3.0, expected_cohort=4)
     ac = AdaptiveClipping(cfg, SecureGaussian(derive_key(4)))
     agg = PlainSumAggregator()
     ctx = _ctx(1.0, 3, m=4)

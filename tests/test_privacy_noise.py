@@ -77,7 +77,7 @@ def _ctx(m: int, clip: float, round_: int = 0, dim: int = N) -> RoundContext:
 
 def test_postprocessor_noise_std_is_sigma_times_c():
     sigma, clip = 1.5, 2.0
-    pp = GaussianNoisePostprocessor(sigma, _gen())
+    pp = GaussianNoisePostprocessor(sigma, _gen(), expected_cohort=10)
     agg = AggregateResult(total=torch.zeros(N), weight_sum=10.0, num_contributors=10)
     out, metrics = pp.on_server(agg, _ctx(10, clip))
     assert float(out.total.double().std()) == pytest.approx(sigma * clip, rel=0.01)
@@ -88,7 +88,7 @@ def test_postprocessor_noise_std_is_sigma_times_c():
 
 def test_postprocessor_noise_cohort_scaling():
     sigma, clip, m, big_m = 1.0, 0.5, 40, 1000
-    pp = GaussianNoisePostprocessor(sigma, _gen(), noise_cohort=big_m)
+    pp = GaussianNoisePostprocessor(sigma, _gen(), expected_cohort=m, noise_cohort=big_m)
     agg = AggregateResult(total=torch.zeros(N), weight_sum=float(m), num_contributors=m)
     out, metrics = pp.on_server(agg, _ctx(m, clip))
     expected_sum_std = sigma * clip * m / big_m
@@ -99,14 +99,27 @@ def test_postprocessor_noise_cohort_scaling():
 
 
 def test_postprocessor_round_dependence_and_zero_sigma():
-    pp = GaussianNoisePostprocessor(1.0, _gen())
+    pp = GaussianNoisePostprocessor(1.0, _gen(), expected_cohort=1)
     agg = AggregateResult(total=torch.ones(1000), weight_sum=1.0, num_contributors=1)
     a, _ = pp.on_server(agg, _ctx(1, 1.0, round_=0, dim=1000))
     b, _ = pp.on_server(agg, _ctx(1, 1.0, round_=0, dim=1000))
     c, _ = pp.on_server(agg, _ctx(1, 1.0, round_=1, dim=1000))
     assert torch.equal(a.total, b.total) and not torch.equal(a.total, c.total)
-    off = GaussianNoisePostprocessor(0.0, _gen())
+    off = GaussianNoisePostprocessor(0.0, _gen(), expected_cohort=1)
     same, metrics = off.on_server(agg, _ctx(1, 1.0, dim=1000))
     assert torch.equal(same.total, agg.total) and metrics["noise_std_sum"] == 0.0
     with pytest.raises(ConfigError):
-        GaussianNoisePostprocessor(-1.0, _gen())
+        GaussianNoisePostprocessor(-1.0, _gen(), expected_cohort=1)
+
+
+def test_noise_std_follows_the_expected_cohort_not_the_realised_one():
+    """Poisson sampling: the realised cohort varies (and is private); scaling the noise by it would both leak it
+    and add too little noise (the review measured ε ≈ 5–8 for runs calibrated to ε = 2)."""
+    pp = GaussianNoisePostprocessor(1.0, _gen(), expected_cohort=20, noise_cohort=20)
+    stds = []
+    for realised in (3, 20, 41):
+        agg = AggregateResult(total=torch.zeros(N), weight_sum=float(realised), num_contributors=realised)
+        out, metrics = pp.on_server(agg, _ctx(realised, 1.0))
+        stds.append(float(out.total.double().std()))
+        assert metrics["noise_std_sum"] == 1.0
+    assert stds == pytest.approx([1.0] * 3, rel=0.01)

@@ -40,7 +40,7 @@ def round_with_transcript(n: int = 8, drop: int | None = None, neighbours="full"
         x = torch.randn(DIM, generator=g)
         ups[u] = x * (C / x.norm())
     ctx = RoundContext(round=1, dim=DIM, cohort=ids, clip_bound=C, seed=9)
-    agg = SecureAggregator(SecAggConfig(keep_transcript=True, neighbours=neighbours))
+    agg = SecureAggregator(SecAggConfig(keep_transcript=True, neighbours=neighbours, rounding="seeded"))
     agg.begin(ctx)
     clients = dict(agg.clients)
     late = None

@@ -17,6 +17,12 @@ from pflm.errors import AggregationFailed
 DIM = 1000
 
 
+def seeded_config(**kwargs) -> SecAggConfig:
+    """These tests recompute each device's encoding, so they opt into the reproducible (not secret) rounding."""
+    kwargs.setdefault("rounding", "seeded")
+    return SecAggConfig(**kwargs)
+
+
 def updates(n: int, seed: int = 0, dim: int = DIM, clip: float = 1.0) -> dict[int, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -51,7 +57,7 @@ def quantised_sum(agg: SecureAggregator, ctx: RoundContext, ups: dict[int, torch
 @pytest.mark.parametrize("neighbours", ["full", 4, "log"])
 def test_revealed_sum_is_exact(neighbours) -> None:
     ups = updates(12)
-    agg, ctx = run(SecAggConfig(neighbours=neighbours), ups)
+    agg, ctx = run(seeded_config(neighbours=neighbours), ups)
     res = agg.finalize()
     assert agg.last_sum is not None
     assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
@@ -70,7 +76,7 @@ def test_revealed_sum_is_exact(neighbours) -> None:
 def test_dropouts_below_threshold_recover_exact_survivor_sum() -> None:
     ups = updates(12)
     dropped = tuple(sorted(ups)[1:4])
-    agg, ctx = run(SecAggConfig(threshold=0.6), ups, drop=dropped)  # degree 11, t = 7, 9 survivors
+    agg, ctx = run(seeded_config(threshold=0.6), ups, drop=dropped)  # degree 11, t = 7, 9 survivors
     res = agg.finalize()
     assert agg.contributors == [u for u in sorted(ups) if u not in dropped]
     assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
@@ -81,7 +87,7 @@ def test_dropouts_below_threshold_recover_exact_survivor_sum() -> None:
 
 def test_simulated_dropouts_at_every_stage_sparse_graph() -> None:
     ups = updates(20)
-    cfg = SecAggConfig(neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05)
+    cfg = seeded_config(neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05)
     counts = []
     for seed in (1, 2, 3, 4):  # seed 0 drops 10 of 20 devices and (correctly) fails: see the test below
         agg, ctx = run(cfg, ups, seed=seed)
@@ -94,7 +100,7 @@ def test_simulated_dropouts_at_every_stage_sparse_graph() -> None:
 
 def test_too_many_dropouts_fail_safely() -> None:
     ups = updates(10)
-    agg, _ = run(SecAggConfig(threshold=0.6), ups, drop=tuple(sorted(ups)[:5]))  # t = 6, 5 survivors
+    agg, _ = run(seeded_config(threshold=0.6), ups, drop=tuple(sorted(ups)[:5]))  # t = 6, 5 survivors
     with pytest.raises(AggregationFailed, match="fewer than the threshold 6"):
         agg.finalize()
     assert agg.last_sum is None
@@ -103,23 +109,23 @@ def test_too_many_dropouts_fail_safely() -> None:
 
 
 def test_too_few_unmask_answers_fail_safely() -> None:
-    agg, _ = run(SecAggConfig(neighbours=4, threshold=1.0, dropout_unmask=0.5), updates(12))
+    agg, _ = run(seeded_config(neighbours=4, threshold=1.0, dropout_unmask=0.5), updates(12))
     with pytest.raises(AggregationFailed, match="answered the unmasking request"):
         agg.finalize()
 
 
 def test_failure_at_key_sharing_and_tiny_cohort() -> None:
-    agg, _ = run(SecAggConfig(dropout_advertise=0.8), updates(10))
+    agg, _ = run(seeded_config(dropout_advertise=0.8), updates(10))
     with pytest.raises(AggregationFailed, match="completed key sharing"):
         agg.finalize()
-    agg, _ = run(SecAggConfig(), updates(2))
+    agg, _ = run(seeded_config(), updates(2))
     with pytest.raises(AggregationFailed, match="at least 3 devices"):
         agg.finalize()
 
 
 def test_wrong_length_and_bad_input() -> None:
     ups = updates(8)
-    agg = SecureAggregator(SecAggConfig())
+    agg = SecureAggregator(seeded_config())
     ctx = RoundContext(round=0, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=0)
     agg.begin(ctx)
     with pytest.raises(AggregationFailed, match="device 17 sent an update of length 999"):
@@ -158,7 +164,7 @@ def test_tampered_share_is_excluded(monkeypatch) -> None:
     ups = updates(8)
     ids = sorted(ups)
     monkeypatch.setattr(SecAggServer, "route_shares", _flip_one_ciphertext({(ids[0], ids[1])}))
-    agg, ctx = run(SecAggConfig(), ups)
+    agg, ctx = run(seeded_config(), ups)
     res = agg.finalize()
     assert res.metrics["secagg_bad_shares"] == 1
     assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
@@ -168,7 +174,7 @@ def test_too_many_tampered_shares_fail_clearly(monkeypatch) -> None:
     ups = updates(8)
     ids = sorted(ups)
     monkeypatch.setattr(SecAggServer, "route_shares", _flip_one_ciphertext({(ids[0], v) for v in ids[1:5]}))
-    agg, _ = run(SecAggConfig(threshold=0.6), ups)  # degree 7, t = 5: only 3 good shares of device ids[0]
+    agg, _ = run(seeded_config(threshold=0.6), ups)  # degree 7, t = 5: only 3 good shares of device ids[0]
     with pytest.raises(AggregationFailed, match=rf"self-mask seed of device {ids[0]}: 3 valid shares, threshold 5"):
         agg.finalize()
 
@@ -185,7 +191,7 @@ def test_inconsistent_share_is_detected(monkeypatch) -> None:
         return resp
 
     monkeypatch.setattr(SecAggClient, "unmask", lying_unmask)
-    agg, _ = run(SecAggConfig(), ups)
+    agg, _ = run(seeded_config(), ups)
     with pytest.raises(AggregationFailed, match=f"device {victim} does not match its commitment"):
         agg.finalize()
 
@@ -206,7 +212,7 @@ def test_simulate_mode_is_bit_exact(cfg: dict) -> None:
     for seed in range(3):
         sums, results = [], []
         for mode in ("full", "simulate"):
-            agg, _ = run(SecAggConfig(mode=mode, **cfg), ups, drop=(sorted(ups)[3],), seed=seed)
+            agg, _ = run(seeded_config(mode=mode, **cfg), ups, drop=(sorted(ups)[3],), seed=seed)
             try:
                 results.append(agg.finalize())
                 sums.append(agg.last_sum)
@@ -228,7 +234,7 @@ def test_simulate_mode_large_sweep_matches_independent_sum() -> None:
     ups = updates(20, seed=2)
     failures = 0
     for seed in range(20):
-        agg, ctx = run(SecAggConfig(mode="simulate", neighbours="log", dropout_masked_input=0.1), ups, seed=seed)
+        agg, ctx = run(seeded_config(mode="simulate", neighbours="log", dropout_masked_input=0.1), ups, seed=seed)
         try:
             agg.finalize()
         except AggregationFailed as e:  # a sparse neighbourhood lost too many devices: a safe failure
@@ -243,7 +249,7 @@ def test_clamped_values_are_counted_and_reported() -> None:
     ups = {u: torch.zeros(DIM) for u in (1, 2, 3, 4, 5)}
     for x in ups.values():
         x[:3] = 0.9  # beyond the coordinate bound C · value_bound_factor = 0.5
-    agg, _ = run(SecAggConfig(value_bound_factor=0.5, mode="full"), ups)
+    agg, _ = run(seeded_config(value_bound_factor=0.5, mode="full"), ups)
     res = agg.finalize()
     assert res.metrics["secagg_wraps"] == 15
     assert torch.allclose(res.total[:3], torch.full((3,), 2.5)) and res.total[3:].abs().max() == 0
@@ -253,7 +259,7 @@ def test_fresh_rounding_randomness_still_decodes_within_bound() -> None:
     ups = updates(6)
     sums = []
     for _ in range(2):
-        agg, _ = run(SecAggConfig(rounding="urandom", bits=24), ups)
+        agg, _ = run(seeded_config(rounding="urandom", bits=24), ups)
         res = agg.finalize()
         want = sum(x.double() for x in ups.values())
         assert (res.total.double() - want).abs().max().item() <= res.metrics["secagg_quant_error_bound"] + 1e-6
@@ -274,13 +280,13 @@ def test_recipe_factory_uses_the_run_seed() -> None:
     from pflm.aggregator.secagg import make_secure_aggregator
 
     ups = updates(6)
-    agg = make_secure_aggregator({"mode": "simulate", "neighbours": "4"}, seed=5)
+    agg = make_secure_aggregator({"mode": "simulate", "neighbours": "4", "rounding": "seeded"}, seed=5)
     assert agg.config.neighbours == 4
     ctx = RoundContext(round=3, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=123)
     agg.begin(ctx)
     for u, x in ups.items():
         agg.add(u, x, 1.0, {"clipped": float(u % 2)})
     agg.finalize()
-    ref, _ = run(SecAggConfig(mode="simulate", neighbours=4), ups, seed=5, rnd=3)  # ctx.seed = 5
+    ref, _ = run(seeded_config(mode="simulate", neighbours=4), ups, seed=5, rnd=3)  # ctx.seed = 5
     ref.finalize()
     assert np.array_equal(agg.last_sum, ref.last_sum)

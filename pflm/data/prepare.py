@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,18 @@ import numpy as np
 import pflm
 from pflm.data.load import load_table, select_columns
 from pflm.data.normalize import Normalizer, NormalizerConfig
-from pflm.data.partition import SPLITS, PartitionConfig, partition
+from pflm.data.partition import SPLITS, PartitionConfig, SplitRows, partition
+from pflm.data.dp_vocab import DPVocabConfig, dp_vocabulary
 from pflm.data.store import FORMAT_VERSION, MANIFEST, PRIOR_COUNTS, TOKEN_COUNTS, StoreWriter
-from pflm.data.tokenizer import MODEL_TYPES, PUBLIC_WORDFREQ, TokenizerConfig, max_word_vocab, public_prior_counts, train_tokenizer
+from pflm.data.tokenizer import (
+    MODEL_TYPES, NUM_SPECIAL, PUBLIC_WORDFREQ, Tokenizer, TokenizerConfig, file_prior_counts, max_word_vocab,
+    prior_from_word_counts, public_prior_counts, train_tokenizer, train_word_model_from_counts,
+)
 from pflm.errors import ConfigError, DataError
 from pflm.io_utils import atomic_directory, atomic_write_json
 
 CORPORA = ("chitchat", "synthetic")
+VOCAB_SOURCES = ("exact", "dp")  # exact: counted on the tokenizer's text (users or --tokenizer-input); dp: DP release
 _ENCODE_BATCH = 20_000
 
 
@@ -42,6 +48,8 @@ class PrepareConfig:
     synthetic_users: int = 200  # --corpus synthetic: users to generate
     synthetic_sentences: tuple[int, int] = (5, 40)  # --corpus synthetic: sentences per user (uniform range)
     max_users: int | None = None  # --corpus chitchat: keep only the first N senders (fast tests)
+    vocab_source: str = "exact"  # "dp": word vocabulary + prior from the train users under DP (pflm.data.dp_vocab)
+    vocab_dp: DPVocabConfig | None = None  # required with vocab_source="dp"
 
     def __post_init__(self) -> None:
         if (self.input is None) == (self.corpus is None):
@@ -57,6 +65,31 @@ class PrepareConfig:
             raise ConfigError(f"synthetic sentences per user range {lo}..{hi} is invalid; use 1 <= lo <= hi")
         if self.max_users is not None and self.max_users < 1:
             raise ConfigError("--max-users must be >= 1")
+        self._check_vocab_source()
+
+    def _check_vocab_source(self) -> None:
+        if self.vocab_source not in VOCAB_SOURCES:
+            raise ConfigError(f"--vocab-source {self.vocab_source!r} unknown; use one of {', '.join(VOCAB_SOURCES)}")
+        if self.vocab_source != "dp":
+            if self.vocab_dp is not None:
+                raise ConfigError("--vocab-dp-* flags only apply with --vocab-source dp; add it or drop them")
+            return
+        if self.tokenizer.tokenizer_input:
+            raise ConfigError("--vocab-source dp learns the vocabulary from the train users; drop --tokenizer-input "
+                              "(or drop --vocab-source dp to use that public vocabulary)")
+        if self.tokenizer.model_type != "word":
+            raise ConfigError("--vocab-source dp builds a word vocabulary; use --model-type word (for a public "
+                              "subword vocabulary use --tokenizer-input FILE instead)")
+        if self.vocab_dp is None:
+            raise ConfigError("--vocab-source dp needs --vocab-dp-sigma S (noise multiplier, e.g. 4; see "
+                              "docs/vocabulary.md)")
+
+    @property
+    def privacy_kind(self) -> str:
+        """"public", "dp" or "private": what the vocabulary and prior are derived from."""
+        if self.vocab_source == "dp":
+            return "dp"
+        return "public" if self.tokenizer.tokenizer_input else "private"
 
 
 def _raw_rows(cfg: PrepareConfig) -> tuple[list[Any] | None, list[Any], dict[str, Any]]:
@@ -122,9 +155,13 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give the final directory normal permissions
-        tok = train_tokenizer(train_texts, cfg.tokenizer, tmp, seed=part_cfg.seed, normalize=norm)
+        if cfg.vocab_source == "dp":
+            tok, prior_counts, dp_release = _dp_tokenizer(cfg, texts, part.splits["train"], tmp, say)
+        else:
+            tok = train_tokenizer(train_texts, cfg.tokenizer, tmp, seed=part_cfg.seed, normalize=norm)
+            prior_counts, dp_release = _public_prior(cfg, tok, norm), None
         say(f"trained {tok.model_type} tokenizer, vocab {tok.vocab_size} ({time.perf_counter() - t0:.1f}s)")
-        word_on_users = cfg.tokenizer.model_type == "word" and not cfg.tokenizer.tokenizer_input
+        word_on_users = cfg.privacy_kind == "private" and cfg.tokenizer.model_type == "word"
         max_vocab = max_word_vocab(train_texts) if word_on_users else None
         del train_texts
         split_stats: dict[str, dict[str, int]] = {}
@@ -148,11 +185,13 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
             if name == "train":
                 assert writer.token_counts is not None
                 np.save(tmp / TOKEN_COUNTS, writer.token_counts)
-        if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ:
-            np.save(tmp / PRIOR_COUNTS, public_prior_counts(tok, norm))
-            prior = {"path": PRIOR_COUNTS, "computed_from": "public word list (wordfreq); no user data"}
+        kind = cfg.privacy_kind
+        if prior_counts is not None:
+            np.save(tmp / PRIOR_COUNTS, prior_counts)
+            prior = {"path": PRIOR_COUNTS, "computed_from": _PRIOR_FROM[
+                "dp" if kind == "dp" else "wordfreq" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ else "file"]}
         else:
-            prior = {"path": TOKEN_COUNTS, "computed_from": "train users' tokens (assumed public, see docs/peu.md)"}
+            prior = {"path": TOKEN_COUNTS, "computed_from": _PRIOR_FROM["private"]}
         manifest = {
             "format_version": FORMAT_VERSION,
             "pflm_version": pflm.__version__,
@@ -165,19 +204,55 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
                 "path": "tokenizer.model", "model_type": tok.model_type, "vocab_size": tok.vocab_size,
                 "pad_id": tok.pad_id, "unk_id": tok.unk_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "byte_fallback": cfg.tokenizer.byte_fallback,
+                "sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
                 "trained_on": ("public word list (wordfreq)" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ
                                else "file:" + str(cfg.tokenizer.tokenizer_input)) if cfg.tokenizer.tokenizer_input
-                else "train users",
+                else "train users (DP release, see privacy.dp_release)" if kind == "dp" else "train users",
                 "max_word_vocab_supported": max_vocab,
             },
             "token_counts": {"path": TOKEN_COUNTS, "computed_from": "train users' tokens"},
             "prior": prior,
+            "privacy": {"vocabulary": kind, "prior": kind, "dp_release": dp_release},
             "splits": {n: {**split_stats[n], "data": f"{n}/data.arrow", "index": f"{n}/index.arrow"}
                        for n in SPLITS},
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     say(f"wrote {out} ({time.perf_counter() - t0:.1f}s)")
     return out
+
+
+_PRIOR_FROM = {
+    "wordfreq": "public word list (wordfreq); no user data",
+    "file": "token counts of the public --tokenizer-input file; no user data",
+    "dp": "train users, DP: noisy per-user word counts (privacy.dp_release)",
+    "private": "train users' tokens (private: not DP, see docs/vocabulary.md)",
+}
+
+
+def _public_prior(cfg: PrepareConfig, tok: Tokenizer, norm: Normalizer) -> np.ndarray | None:
+    """The prior of a public vocabulary, from the same public source (None: the vocabulary is private)."""
+    source = cfg.tokenizer.tokenizer_input
+    if not source:
+        return None
+    if source == PUBLIC_WORDFREQ:
+        return public_prior_counts(tok, norm)
+    return file_prior_counts(tok, source, norm, cfg.tokenizer.num_threads)
+
+
+def _dp_tokenizer(cfg: PrepareConfig, texts: list[str], train: SplitRows, out: Path,
+                  say: Any) -> tuple[Tokenizer, np.ndarray, dict[str, Any]]:
+    """Word tokenizer + prior from one DP release over the train users (pflm.data.dp_vocab)."""
+    assert cfg.vocab_dp is not None
+    bounds = np.r_[0, np.cumsum(train.counts)]
+    users = [[texts[i] for i in train.rows[bounds[j]:bounds[j + 1]]] for j in range(len(train.users))]
+    dpv = dp_vocabulary(users, cfg.vocab_dp, cfg.tokenizer.vocab_size - NUM_SPECIAL)
+    del users
+    if len(dpv.words) < dpv.requested_size:  # DP outcome: safe to report; re-running would spend budget again
+        say(f"DP vocabulary: only {len(dpv.words)} words passed the threshold; vocab is "
+            f"{len(dpv.words) + NUM_SPECIAL}, not {cfg.tokenizer.vocab_size}")
+    tok_cfg = replace(cfg.tokenizer, vocab_size=len(dpv.words) + NUM_SPECIAL)
+    tok = train_word_model_from_counts(dpv.tokenizer_counts(), tok_cfg, out, seed=cfg.partition.seed)
+    return tok, prior_from_word_counts(tok, dpv.prior_by_word()), dpv.release_record()
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -214,7 +289,21 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
             tokenizer_input=args.tokenizer_input),
         synthetic_users=(args.num_users or 200) if synthetic else 200,
         max_users=args.max_users,
+        vocab_source=args.vocab_source or "exact",
+        vocab_dp=_dp_config(args),
     )
+
+
+def _dp_config(args: argparse.Namespace) -> DPVocabConfig | None:
+    given = {k: getattr(args, "vocab_dp_" + k) for k in ("sigma", "max_words", "threshold_delta")}
+    if args.vocab_source != "dp":
+        if any(v is not None for v in given.values()):
+            raise ConfigError("--vocab-dp-* flags only apply with --vocab-source dp; add it or drop them")
+        return None
+    if given["sigma"] is None:
+        return None  # PrepareConfig names the missing flag
+    extra = {"max_words_per_user": given["max_words"], "threshold_delta": given["threshold_delta"]}
+    return DPVocabConfig(noise_multiplier=given["sigma"], **{k: v for k, v in extra.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
     m = fd.manifest
     print(f"prepared {out} in {time.perf_counter() - t0:.1f}s: {m['tokenizer']['model_type']} tokenizer, "
           f"vocab {m['tokenizer']['vocab_size']}")
+    privacy = fd.privacy_info
+    print(f"privacy: vocabulary {privacy['vocabulary']}, prior {privacy['prior']}"
+          + (f" (DP release sigma={privacy['dp_release']['noise_multiplier']}, threshold delta="
+             f"{privacy['dp_release']['threshold_delta']:g}: compose it into the run's accountant)"
+             if privacy["dp_release"] else ""))
     if m["tokenizer"].get("max_word_vocab_supported"):
         print(f"largest word vocab these train users support: {m['tokenizer']['max_word_vocab_supported']}")
     print(f"{'split':<6} {'users':>9} {'sentences':>11} {'words':>12} {'tokens':>12}")
@@ -255,6 +349,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--byte-fallback", action="store_true", help="unigram/bpe: spell unseen characters as bytes")
     p.add_argument("--tokenizer-input", default=None,
                    help="public text file to train the tokenizer on instead of the train users' text, or 'wordfreq' for a public English word list (word model; also gives a public PEU/NCE prior)")
+    dp = p.add_argument_group("DP vocabulary (docs/vocabulary.md)")
+    dp.add_argument("--vocab-source", choices=VOCAB_SOURCES, default=None,
+                    help="exact (default): vocabulary counted on the tokenizer's text; dp: word vocabulary and prior "
+                         "released from the train users with DP (Gaussian thresholded histogram)")
+    dp.add_argument("--vocab-dp-sigma", type=float, default=None, help="dp: noise multiplier (required)")
+    dp.add_argument("--vocab-dp-max-words", type=int, default=None, help="dp: distinct words per user, k (default 8)")
+    dp.add_argument("--vocab-dp-threshold-delta", type=float, default=None,
+                    help="dp: delta spent on the release threshold (default 1e-8)")
     p.add_argument("--partition", choices=("natural", "iid", "dirichlet"), default=None,
                    help="natural (user column) or synthetic users; default natural if users are known, else iid")
     p.add_argument("--num-users", type=int, default=None, help="iid/dirichlet users; or users to generate "

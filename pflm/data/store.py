@@ -2,9 +2,11 @@
 
 Layout of a prepared directory (format_version 1):
 
-    manifest.json            counts per split, tokenizer, normalisation, source, partition, seed, versions
+    manifest.json            counts per split, tokenizer, normalisation, source, partition, seed, versions,
+                             privacy {vocabulary, prior: public|dp|private, dp_release}
     tokenizer.model/.vocab   SentencePiece model (special ids pad=0 unk=1 bos=2 eos=3)
-    token_counts.npy         int64 [vocab_size]: token frequencies over the *train* users' tokens
+    token_counts.npy         int64 [vocab_size]: token frequencies over the *train* users' tokens (private)
+    prior_counts.npy         float64 [vocab_size]: public or DP prior (absent when the vocabulary is private)
     {train,val,test}/data.arrow   Arrow IPC file (uncompressed, memory-mappable), rows sorted by user:
                                   user: string, text: string (normalised), tokens: list<int32> (no bos/eos)
     {train,val,test}/index.arrow  one row per user in store order: user: string, offset: int64, count: int64
@@ -13,10 +15,10 @@ Reading one user maps the files and slices `count` rows at `offset`: O(that user
 users' pages; `FederatedData.rows_read` counts the rows materialised. Writing streams fixed-size record
 batches, so neither side needs all users in RAM (the index holds one small row per user).
 
-`token_counts.npy` is a unigram distribution (NCE noise, PEU frequency prior). It is computed from the train
-users' tokens, so using it on device or for choosing rows assumes it is public or released with DP. A
-data-independent alternative is the tokenizer's piece order (SentencePiece sorts word pieces by frequency in
-the tokenizer's training text; see pflm.data.tokenizer for what that text is).
+`token_counts.npy` is exact train-user data and must never leave the data directory. The prior the server may
+use (NCE noise, PEU row choice, output-bias init) is `FederatedData.prior_counts()`: public or DP when
+`privacy_info["prior"]` says so, else those exact counts. `public_manifest` is the copy of the manifest that may
+be released next to a trained model (docs/vocabulary.md).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ DATA_FILE = "data.arrow"
 INDEX_FILE = "index.arrow"
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.npy"
-PRIOR_COUNTS = "prior_counts.npy"  # public frequency prior (only when the vocabulary came from a public list)
+PRIOR_COUNTS = "prior_counts.npy"  # public (wordfreq / --tokenizer-input file) or DP frequency prior
+PRIVATE_INFO: dict[str, Any] = {"vocabulary": "private", "prior": "private", "dp_release": None}
 DATA_SCHEMA = pa.schema([("user", pa.string()), ("text", pa.string()), ("tokens", pa.list_(pa.int32()))])
 INDEX_SCHEMA = pa.schema([("user", pa.string()), ("offset", pa.int64()), ("count", pa.int64())])
 
@@ -248,9 +251,9 @@ class FederatedData:
         return np.load(f)
 
     def prior_counts(self) -> np.ndarray:
-        """The frequency prior the server may use for PEU row choice and the NCE noise distribution:
-        a public list's frequencies when the dataset was prepared with one, else the train token counts
-        (which then must be treated as public; see docs/peu.md)."""
+        """The frequency prior the server uses for PEU row choice, NCE noise and output-bias init: public or DP
+        (`prior_counts.npy`) when `privacy_info["prior"]` says so, else the exact train token counts, which are
+        private (docs/vocabulary.md)."""
         info = self.manifest.get("prior", {"path": TOKEN_COUNTS})
         f = self.path / info["path"]
         if not f.is_file():
@@ -262,9 +265,52 @@ class FederatedData:
         return self.manifest.get("prior", {}).get("computed_from", "train users' tokens")
 
     @property
+    def privacy_info(self) -> dict[str, Any]:
+        """{"vocabulary", "prior": "public"|"dp"|"private", "dp_release": None | DP parameters to account}."""
+        return privacy_info(self.manifest)
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def __repr__(self) -> str:
         counts = {k: v.get("users") for k, v in self.manifest["splits"].items()}
         return f"FederatedData({self.path}, users={counts}, {self.tokenizer!r})"
+
+
+def privacy_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's privacy section; manifests written before it existed are private/private."""
+    info = manifest.get("privacy")
+    return json.loads(json.dumps(info)) if isinstance(info, dict) else dict(PRIVATE_INFO)
+
+
+_PUBLIC_KEYS = ("format_version", "pflm_version", "created", "normalization", "seed")
+_PUBLIC_SOURCE = ("corpus", "package", "max_users", "num_users", "sentences_per_user", "seed", "input",
+                  "text_column", "user_column", "hub_split")
+_PUBLIC_PARTITION = ("scheme", "num_users", "alpha", "min_sentences", "max_sentences", "split", "seed", "users_kept")
+
+
+def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The release-safe copy of a data manifest (for runs/<name>/data_manifest.json): settings, tokenizer info,
+    privacy section and users per split only; nothing else derived from user data unless it is DP. Idempotent."""
+    info = privacy_info(manifest)
+    out: dict[str, Any] = {k: manifest[k] for k in _PUBLIC_KEYS if k in manifest}
+    tok = dict(manifest.get("tokenizer", {}))
+    if info["vocabulary"] != "public":  # the number of distinct train words: not DP
+        tok.pop("max_word_vocab_supported", None)
+    out["tokenizer"] = tok
+    out["privacy"] = info
+    if isinstance(manifest.get("source"), dict):
+        out["source"] = {k: v for k, v in manifest["source"].items() if k in _PUBLIC_SOURCE}
+    if isinstance(manifest.get("partition"), dict):
+        out["partition"] = {k: v for k, v in manifest["partition"].items() if k in _PUBLIC_PARTITION}
+    if isinstance(manifest.get("prior"), dict):
+        out["prior"] = {k: v for k, v in manifest["prior"].items() if k in ("path", "computed_from")}
+    out["splits"] = {name: {"users": int(s["users"])} for name, s in manifest.get("splits", {}).items()
+                     if isinstance(s, dict) and "users" in s}
+    return json.loads(json.dumps(out))
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two manifests (full or public) describe the same tokenizer, comparing only release-safe fields."""
+    return public_manifest(a).get("tokenizer") == public_manifest(b).get("tokenizer")

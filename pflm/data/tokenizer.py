@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer (word / unigram / bpe) with fixed special ids, trained on the train users' text.
+"""SentencePiece tokenizer (word / unigram / bpe) with fixed special ids, from train users, public text or a DP list.
 
 Special ids are fixed for every model type: pad=0, unk=1, bos=2, eos=3. `encode` never adds bos/eos.
 
@@ -15,9 +15,11 @@ with the largest size the data supports. For the `word` model that maximum is th
 the tokenizer's training text plus the 4 special pieces; e.g. a >= 100k word vocabulary needs >= 99,996
 distinct words.
 
-Privacy: the vocabulary and its frequency order are derived from the tokenizer's training text. By default that
-is the *train users'* text, which - as in Xu et al. (ICASSP 2023) - assumes the vocabulary is public (or released
-separately). Passing `tokenizer_input` trains it on a separate public corpus instead, so no user text shapes it.
+Privacy (docs/vocabulary.md): the vocabulary and its piece scores come from the tokenizer's training text. By
+default that is the *train users'* text, so the vocabulary is private user data (a word one user typed can be in
+it). `tokenizer_input` trains it on a public file or the public wordfreq list instead; `pflm prepare --vocab-source
+dp` builds it from a DP release (pflm.data.dp_vocab). Public and DP word vocabularies are both built by
+`train_word_model_from_counts`, so tokenizer.model then holds only those words and public/DP scores.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from pflm.errors import ConfigError, DataError
@@ -256,31 +259,68 @@ def _train_from_public_counts(
 
     if cfg.model_type != "word":
         raise ConfigError("--tokenizer-input wordfreq builds a word vocabulary; use --model-type word")
-    counts = public_word_counts(cfg.vocab_size + 16, normalize)
-    tsv = out_dir / "public_words.tsv"
+    return train_word_model_from_counts(public_word_counts(cfg.vocab_size + 16, normalize), cfg, out_dir, seed)
+
+
+def train_word_model_from_counts(
+    counts: Sequence[tuple[str, int]], cfg: TokenizerConfig, out_dir: str | os.PathLike, seed: int = 0
+) -> Tokenizer:
+    """A `word` SentencePiece model holding only the `cfg.vocab_size - 4` most frequent of `counts` (word, integer
+    count), scored log(count / total): the one builder for public (wordfreq) and DP vocabularies."""
+    out_dir = Path(out_dir)
+    tsv = out_dir / "vocab_counts.tsv"
     with open(tsv, "w", encoding="utf-8") as f:
         for w, c in counts:
-            f.write(f"{w}\t{c}\n")
+            f.write(f"{w}\t{int(c)}\n")
     prefix = out_dir / "tokenizer"
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        input=str(tsv), input_format="tsv", model_prefix=str(prefix), model_type="word", vocab_size=cfg.vocab_size,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=cfg.num_threads,
-        hard_vocab_limit=True, character_coverage=1.0, minloglevel=2, max_sentencepiece_length=MAX_PIECE_CHARS,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=True,
-    )
-    tsv.unlink()
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(tsv), input_format="tsv", model_prefix=str(prefix), model_type="word",
+            vocab_size=cfg.vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            num_threads=cfg.num_threads, hard_vocab_limit=True, character_coverage=1.0, minloglevel=2,
+            max_sentencepiece_length=MAX_PIECE_CHARS, normalization_rule_name="identity", add_dummy_prefix=True,
+            remove_extra_whitespaces=True,
+        )
+    except RuntimeError as e:
+        raise DataError(f"word tokenizer training failed: {str(e).splitlines()[0]}") from None
+    finally:
+        tsv.unlink()
     return Tokenizer(prefix.with_suffix(".model"))
 
 
-def public_prior_counts(tokenizer: Tokenizer, normalize: Callable[[str], str] | None = None) -> "object":
-    """Per-id public frequency prior (numpy float64 [V]) from the public word list, for PEU/NCE."""
-    import numpy as np
-
-    from data_prep.wordfreq_vocab import public_word_counts
-
-    counts = dict(public_word_counts(tokenizer.vocab_size + 16, normalize))
+def prior_from_word_counts(tokenizer: Tokenizer, counts: Mapping[str, float]) -> np.ndarray:
+    """Per-id prior (float64 [V], 0 for the specials and for words missing from `counts`) of a word tokenizer."""
     prior = np.zeros(tokenizer.vocab_size, dtype=np.float64)
     for i in range(NUM_SPECIAL, tokenizer.vocab_size):
         prior[i] = counts.get(tokenizer.id_to_piece(i).lstrip("\u2581"), 0)
     return prior
+
+
+def public_prior_counts(tokenizer: Tokenizer, normalize: Callable[[str], str] | None = None) -> np.ndarray:
+    """Per-id public frequency prior (numpy float64 [V]) from the public word list, for PEU/NCE."""
+    from data_prep.wordfreq_vocab import public_word_counts
+
+    return prior_from_word_counts(tokenizer, dict(public_word_counts(tokenizer.vocab_size + 16, normalize)))
+
+
+def file_prior_counts(tokenizer: Tokenizer, path: str, normalize: Callable[[str], str] | None = None,
+                      num_threads: int = 1) -> np.ndarray:
+    """Per-id token counts (float64 [V]) over the whole public `--tokenizer-input` file: a prior with no user data."""
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.float64)
+    batch: list[str] = []
+    lines = (normalize(s) if normalize else s for s in _public_sentences(path))
+    for text in lines:
+        if text:
+            batch.append(text)
+        if len(batch) >= 20_000:
+            counts += _bincount(tokenizer.encode(batch, num_threads), tokenizer.vocab_size)
+            batch = []
+    if batch:
+        counts += _bincount(tokenizer.encode(batch, num_threads), tokenizer.vocab_size)
+    return counts
+
+
+def _bincount(ids: list[list[int]], size: int) -> np.ndarray:
+    flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
+    return np.bincount(flat, minlength=size).astype(np.float64)

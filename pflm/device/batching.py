@@ -3,6 +3,10 @@
 `device_setup` + `device_batches` are THE definition of what a simulated device trains on in one round
 (sentence subset, order, batch shapes); the trainer and the speed benchmark's plain-torch floor both use them,
 so the floor trains on exactly the same token batches as the federated round.
+
+Every random choice of a device comes from its secret 32-byte `device_key` (one per round and user: a fresh
+`new_key()` on a real device, `subkey(run_key, "device", round, user)` in the simulator), never from the recipe's
+public seed: an observer who knows the recipe cannot replay which sentences a device used or in what order.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pflm.errors import ConfigError
+from pflm.secure_random import KEY_BYTES, subkey
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-DEVICE_STREAM = 0xD0  # tag of the per-(seed, round, user) random stream of local training
 
 
 def pack_sentences(sentences: list[list[int]], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,17 +37,36 @@ def pack_sentences(sentences: list[list[int]], max_tokens: int) -> tuple[torch.T
     return torch.from_numpy(out), lengths
 
 
+def check_device_key(device_key: bytes) -> bytes:
+    """The device's secret key, validated: 32 bytes (an int seed or a short key is refused, never stretched)."""
+    if not isinstance(device_key, (bytes, bytearray)) or len(device_key) != KEY_BYTES:
+        raise ConfigError(f"device_key must be {KEY_BYTES} secret bytes (new_key() on a device, "
+                          f"subkey(run_key, 'device', round, user) in a simulation), got {type(device_key).__name__}")
+    return bytes(device_key)
+
+
+def device_generators(device_key: bytes) -> tuple[np.random.Generator, torch.Generator]:
+    """(numpy rng, torch generator) of one device, seeded from independent subkeys of its secret key.
+
+    The numpy generator gets all 256 bits of its subkey (SeedSequence entropy); torch's generator takes a
+    63-bit seed. Neither is a CSPRNG: they drive only the sentence subset, the batch order and the loss' noise
+    words; the privacy-critical draws (DP-SGD batches and noise) use `SecureRandom` directly."""
+    key = check_device_key(device_key)
+    rng = np.random.default_rng(np.frombuffer(subkey(key, "device/numpy"), dtype="<u4").astype(np.uint32))
+    gen = torch.Generator().manual_seed(int.from_bytes(subkey(key, "device/torch")[:8], "little") >> 1)
+    return rng, gen
+
+
 def device_setup(
-    sentences: list[list[int]], seed: int, round_idx: int, user_id: int, max_sentences: int, max_tokens: int
+    sentences: list[list[int]], device_key: bytes, max_sentences: int, max_tokens: int
 ) -> tuple[np.random.Generator, torch.Generator, torch.Tensor, torch.Tensor]:
     """The device's random streams and its packed training sentences for one round.
 
     Returns (rng, gen, seqs, lengths): `rng` (numpy) drives the sentence subset and batch order, `gen` (torch)
-    the loss' noise draws; both depend only on (seed, round, user). At most `max_sentences` sentences (0 = all)
-    are kept, chosen by `rng` and kept in their original order.
+    the loss' noise draws; both depend only on the secret `device_key` (see `device_generators`). At most
+    `max_sentences` sentences (0 = all) are kept, chosen by `rng` and kept in their original order.
     """
-    rng = np.random.default_rng([seed, round_idx, user_id, DEVICE_STREAM])
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    rng, gen = device_generators(device_key)
     if max_sentences and len(sentences) > max_sentences:
         keep = rng.choice(len(sentences), max_sentences, replace=False)
         sentences = [sentences[i] for i in sorted(keep)]

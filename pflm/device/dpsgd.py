@@ -17,6 +17,16 @@ clipping without per-sample gradients). Per device: Poisson sampling of its sent
 ``max_grad_norm``, Gaussian noise σ·max_grad_norm on the sum, division by the expected batch size q·n. An empty
 Poisson batch still takes a (noise-only) step, as the accountant assumes.
 
+Randomness. The two draws the guarantee rests on, the Poisson batches and the Gaussian noise, come from
+``SecureRandom(subkey(device_key, "dpsgd"))`` (ChaCha20 keyed by the device's secret key): batches from stream
+(step, "poisson"), the noise of step t from stream (t, "noise") as ONE draw over all trainable parameters
+concatenated in the optimizer's parameter order. `SecureDPOptimizer` / `SecureDPOptimizerFastGradientClipping`
+are Opacus' optimizers with only ``add_noise`` replaced (same std, same place: added to ``p.summed_grad``, then
+Opacus' ``scale_grad`` divides by the expected batch size); Opacus' torch ``generator`` is never used, and a step
+without a key raises instead of falling back to it. With the recipe seed alone nobody can replay the noise or the
+batches; the same key replays them exactly (resume). The NCE / sampled-softmax noise words (not privacy-critical)
+stay on the torch generator, which is itself seeded from the device key.
+
 The output layer. The trainer's sampled-softmax / NCE losses gather output rows functionally (``weight[ids]``),
 which Opacus' module hooks cannot see: those parameters would get no per-sample gradient (hooks mode fails,
 ghost mode would clip with a stale or missing norm). Here every use of the output weight/bias goes through
@@ -33,19 +43,78 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.nn import functional as F
 
+from pflm.device.batching import check_device_key
 from pflm.errors import ConfigError
+from pflm.secure_random import SecureRandom, subkey
 
 if TYPE_CHECKING:
     from pflm.device.trainer import DeviceTrainer
+
+
+POISSON_PURPOSE = "poisson"
+NOISE_PURPOSE = "noise"
+
+
+def dpsgd_random(device_key: bytes) -> SecureRandom:
+    """The keyed CSPRNG of one device's DP-SGD (Poisson batches and Gaussian noise)."""
+    return SecureRandom(subkey(check_device_key(device_key), "dpsgd"))
+
+
+class _SecureNoise:
+    """Replaces Opacus' ``add_noise``: N(0, (σ·max_grad_norm)²) per coordinate from a keyed CSPRNG.
+
+    Same semantics as Opacus 1.6 (``opacus/optimizers/optimizer.py`` and ``optimizer_fast_gradient_clipping.py``):
+    the noise is added to ``p.summed_grad`` (clipped sum) into ``p.grad``, the processed flags are checked and set,
+    the adaptive-clipping ``_adjusted_noise_multiplier`` is honoured; ``scale_grad`` etc. are Opacus' own. Step t's
+    noise for all parameters is one draw from stream (t, "noise"), t counting ``add_noise`` calls since the last
+    `set_noise_source`."""
+
+    def set_noise_source(self, source: SecureRandom | None) -> None:
+        self.secure_random = source
+        self.noise_step = 0
+        self.generator = None  # Opacus' own generator is never used
+
+    def add_noise(self) -> None:
+        source: SecureRandom | None = getattr(self, "secure_random", None)
+        if source is None:
+            raise RuntimeError("device DP-SGD has no secret noise source; DeviceDPSGD.train(..., device_key) sets "
+                               "one per device (the torch generator is never used for DP noise)")
+        nm = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = float(nm) * float(self.max_grad_norm)
+        params = self.params
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        total = sum(p.summed_grad.numel() for p in params)
+        step = self.noise_step
+        self.noise_step = step + 1
+        noise = source.normal(step, total, std, NOISE_PURPOSE, dtype=torch.float64) if std > 0 else None
+        off = 0
+        for p in params:
+            g = p.summed_grad
+            k = g.numel()
+            if noise is None:
+                p.grad = (g + 0.0).view_as(p)
+            else:
+                p.grad = (g + noise[off : off + k].view(g.shape).to(device=g.device, dtype=g.dtype)).view_as(p)
+            off += k
+            _mark_as_processed(p.summed_grad)
+
+
+class SecureDPOptimizer(_SecureNoise, DPOptimizer):
+    """Opacus' DPOptimizer (per-sample clipping) with keyed-CSPRNG noise."""
+
+
+class SecureDPOptimizerFastGradientClipping(_SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus' ghost-clipping optimizer with keyed-CSPRNG noise."""
 
 
 class DPOutputHead(nn.Module):
@@ -214,10 +283,12 @@ class DeviceDPSGD:
         if mode == "ghost":
             kwargs.update(max_grad_norm=self.cfg.max_grad_norm, use_ghost_clipping=True)
         self.gsm = prepare_module(self.net, mode, True, **kwargs)
-        opt_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+        opt_cls = SecureDPOptimizerFastGradientClipping if mode == "ghost" else SecureDPOptimizer
         self.optimizer = opt_cls(trainer.optimizer, noise_multiplier=self.cfg.noise_multiplier,
                                  max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=1,
                                  loss_reduction="mean")
+        self.optimizer.set_noise_source(None)  # no noise without a device key
+        self.random: SecureRandom | None = None
         self.params = list(self.optimizer.params)
         trainable = {id(p) for p in trainer.trainable}
         if {id(p) for p in self.params} != trainable or any(not p.requires_grad for p in self.params):
@@ -231,18 +302,21 @@ class DeviceDPSGD:
         return len(getattr(self.gsm, "autograd_grad_sample_hooks", []) or [])
 
     # ----- one device ------------------------------------------------------------------------------------
-    def _reset(self, q: float, n: int, gen: torch.Generator) -> None:
+    def _reset(self, q: float, n: int, device_key: bytes) -> SecureRandom:
+        """Fresh optimizer state for one device; its DP randomness now comes from `device_key`."""
+        self.random = dpsgd_random(device_key)
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         opt.state.clear()
         opt._is_last_step_skipped = False
         opt.expected_batch_size = q * n  # Poisson: average the clipped sum by the *expected* batch size
-        opt.generator = gen
+        opt.set_noise_source(self.random)
         for p in self.params:
             p.summed_grad = None
             p.grad_sample = None
             p.__dict__.pop("_norm_sample", None)
             p.__dict__.pop("_current_grad_sample", None)
+        return self.random
 
     def _noise_words(self, gen: torch.Generator) -> torch.Tensor:
         tr = self.trainer
@@ -283,18 +357,20 @@ class DeviceDPSGD:
         self.optimizer.zero_grad(set_to_none=True)
         return per_seq.detach(), norms
 
-    def train(self, seqs: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator,
-              gen: torch.Generator) -> tuple[float, int, int]:
-        """Local DP-SGD on one device's packed sentences; returns (token-weighted loss sum, tokens, steps)."""
+    def train(self, seqs: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator,
+              device_key: bytes) -> tuple[float, int, int]:
+        """Local DP-SGD on one device's packed sentences; returns (token-weighted loss sum, tokens, steps).
+
+        Poisson batches and noise come from `device_key` (see the module doc); `gen` only draws NCE noise words."""
         t0 = time.perf_counter()
         tr, c = self.trainer, self.cfg
         n = int(seqs.shape[0])
         q, steps = poisson_plan(n, tr.cfg.device.batch_size, tr.cfg.device.epochs, c.sample_rate)
-        self._reset(q, n, gen)
+        source = self._reset(q, n, device_key)
         setup = time.perf_counter() - t0
         total_loss, total_tok, empty, clipped, seen = 0.0, 0, 0, 0, 0
-        for _ in range(steps):
-            idx = torch.from_numpy(np.flatnonzero(rng.random(n) < q))
+        for step in range(steps):
+            idx = torch.from_numpy(source.bernoulli(step, n, q, POISSON_PURPOSE))
             if idx.numel() == 0:
                 self._empty_step()
                 empty += 1
@@ -307,6 +383,7 @@ class DeviceDPSGD:
             clipped += int((norms > c.max_grad_norm).sum())
             seen += int(norms.numel())
         self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.set_noise_source(None)  # the next device must bring its own key
         self.last_metrics = {
             "device_sample_epsilon": sample_level_epsilon(q, c.noise_multiplier, steps, c.delta, c.accountant),
             "device_sample_delta": c.delta,
@@ -320,4 +397,5 @@ class DeviceDPSGD:
         return total_loss, total_tok, steps
 
 
-__all__ = ["DPOutputHead", "DeviceDPSGD", "poisson_plan", "sample_level_epsilon"]
+__all__ = ["DPOutputHead", "DeviceDPSGD", "SecureDPOptimizer", "SecureDPOptimizerFastGradientClipping", "dpsgd_random",
+           "poisson_plan", "sample_level_epsilon"]

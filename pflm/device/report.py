@@ -80,8 +80,10 @@ def measure_child(cfg_dict: dict, vocab: int, sentences: int) -> dict:
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.load_round(0, state, rows)
     down = sum(t.numel() * t.element_size() for t in state.values())
-    trainer.train(0, sents)  # warm-up
-    res = trainer.train(1, sents)
+    from pflm.secure_random import new_key
+
+    trainer.train(0, sents, new_key())  # warm-up
+    res = trainer.train(1, sents, new_key())
     peak = _vm_kb("VmHWM")
     steps = max(res.metrics.get("local_steps", 1), 1)
     return {

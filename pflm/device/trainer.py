@@ -147,8 +147,12 @@ class DeviceTrainer:
         ntok = mask.sum(1)
         return (per_seq * ntok).sum() / ntok.sum()
 
-    def train(self, user_id: int, sentences: list[list[int]]) -> DeviceResult:
-        """Local training on one user's sentences (token ids, no <s>/</s>); returns the delta."""
+    def train(self, user_id: int, sentences: list[list[int]], device_key: bytes) -> DeviceResult:
+        """Local training on one user's sentences (token ids, no <s>/</s>); returns the delta.
+
+        `device_key` (32 secret bytes, one per round and user) is the only source of the device's randomness:
+        sentence subset, batch order, noise words and, with DP-SGD, its Poisson batches and Gaussian noise. The
+        same key reproduces the same update bit for bit; the public recipe seed plays no part."""
         t0 = time.perf_counter()
         cfg, d = self.cfg, self.cfg.device
         with torch.no_grad():
@@ -156,13 +160,13 @@ class DeviceTrainer:
                 p.copy_(p0)
         self.optimizer.state.clear()
         rng, gen, seqs, lengths = device_setup(
-            sentences, cfg.seed, self.round, user_id, cfg.data.max_sentences_per_device, cfg.data.max_tokens
+            sentences, device_key, cfg.data.max_sentences_per_device, cfg.data.max_tokens
         )
         n = seqs.shape[0]
         self.model.train()
         total_loss, total_tok, steps = 0.0, 0, 0
         if self.dpsgd is not None:
-            total_loss, total_tok, steps = self.dpsgd.train(seqs, lengths, rng, gen)
+            total_loss, total_tok, steps = self.dpsgd.train(seqs, lengths, gen, device_key)
         else:
             for inputs, targets, mask in device_batches(seqs, lengths, rng, d.epochs, d.batch_size, self.local_vocab):
                 loss = self._batch_loss(inputs, targets, mask, gen)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pflm.device.batching import pack_sentences
+from pflm.model.prior import prior_log_probs
 
 
 @dataclass
@@ -87,14 +88,9 @@ def evaluate(model: torch.nn.Module, es: EvalSet, max_batch_tokens: int = 8192) 
     }
 
 
-def unigram_baseline(train_counts: np.ndarray, es: EvalSet, num_train_sentences: int) -> dict[str, float]:
-    """Add-one unigram LM from the train split's token counts (</s> counted once per train sentence)."""
-    counts = np.asarray(train_counts, dtype=np.float64).copy()
-    counts[3] = max(counts[3], num_train_sentences)  # </s>
-    counts[:3] = 0.0  # pad, unk handled below, <s> never predicted
-    counts[1] = np.asarray(train_counts, dtype=np.float64)[1]
-    probs = (counts + 1.0) / (counts + 1.0).sum()
-    logp = np.log(probs)
+def unigram_baseline(prior_counts: np.ndarray, es: EvalSet) -> dict[str, float]:
+    """Perplexity of the unigram LM of a public or DP prior (`pflm.model.prior`, the output-bias init)."""
+    logp = prior_log_probs(prior_counts)
     width = es.seqs.shape[1] if es.seqs.numel() else 1
     mask = (torch.arange(width - 1).unsqueeze(0) < (es.lengths - 1).unsqueeze(1)).numpy()
     targets = es.seqs[:, 1:].numpy()

@@ -57,12 +57,14 @@ class TrainTask:
 
 
 def encode_train(plan: RoundPlan, users: list[int], recipe_json: str, population: int, threads: int) -> RecordDict:
+    """The message to one node. Its context names only the users that node trains, never the whole cohort:
+    who else was sampled is secret (the ε relies on amplification by subsampling)."""
     ctx = plan.ctx
     config = ConfigRecord(
         {
             "round": int(plan.round),
             "users": [int(u) for u in users],
-            "cohort": [int(u) for u in ctx.cohort],
+            "cohort": [int(u) for u in users],
             "clip-bound": float(ctx.clip_bound),
             "dim": int(ctx.dim),
             "seed": int(ctx.seed),

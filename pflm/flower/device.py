@@ -4,6 +4,11 @@ One `DeviceTrainer` is built per process and recipe and reused for every message
 keep it for the whole simulated run. Per message the round's device model is loaded once, then each user
 goes through `pflm.simulation.simulator.run_device` (local training, then clipping) exactly as in the
 in-process simulator.
+
+Device randomness: each (round, user) trains with a fresh secret `new_key()` drawn on the node (a real device's
+local randomness: nobody else, the server included, can replay its DP-SGD noise or batches). Only with
+`privacy.reproducible=true` is the key `subkey(derive_key(seed), "device", round, user)`, i.e. derived from the
+public recipe seed: reproducible, and as secret as the seed (not at all, if the recipe is public).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pflm.flower import codec
 from pflm.flower.partition import owner
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.clipping import NonFiniteUpdate
-from pflm.privacy.setup import PrivacySetup
+from pflm.privacy.setup import device_postprocessors
+from pflm.secure_random import derive_key, new_key, subkey
 from pflm.server.server import RoundPlan
 from pflm.simulation.simulator import run_device
 
@@ -55,10 +61,17 @@ def node_state(recipe_json: str, population: int, data_dir: str | None = None) -
             raise PflmError(f"prepared data dir {path!r} not found on this node; set --node-config 'data-dir=\"DIR\"'")
         fd = FederatedData.open(path)
         trainer = DeviceTrainer(cfg, fd.tokenizer.vocab_size, fd.prior_counts())  # as Simulator does
-        st = NodeState(cfg, fd, trainer, DevicePostprocessing(PrivacySetup(cfg, population).postprocessors))
+        st = NodeState(cfg, fd, trainer, DevicePostprocessing(device_postprocessors(cfg, population)))
         _NODE_CACHE.clear()  # one recipe per process at a time: free the previous run's model
         _NODE_CACHE[key] = st
     return st
+
+
+def device_key(cfg: RecipeConfig, round_idx: int, user: int) -> bytes:
+    """The secret key of one device's local training: fresh from the OS CSPRNG, or seed-derived if reproducible."""
+    if getattr(cfg.privacy, "reproducible", False):
+        return subkey(derive_key(cfg.seed), "device", round_idx, user)
+    return new_key()
 
 
 def train_users(st: NodeState, task: codec.TrainTask, partition: tuple[int, int] | None) -> codec.NodeReply:
@@ -74,7 +87,8 @@ def train_users(st: NodeState, task: codec.TrainTask, partition: tuple[int, int]
     for user in task.users:
         t0 = time.perf_counter()
         try:
-            res, vec, aux = run_device(st.trainer, st.device_side, plan, user, st.fd.user_tokens("train", user))  # type: ignore[arg-type]
+            key = device_key(st.cfg, task.ctx.round, user)
+            res, vec, aux = run_device(st.trainer, st.device_side, plan, user, st.fd.user_tokens("train", user), key)  # type: ignore[arg-type]
         except NonFiniteUpdate:
             nonfinite.append(user)
             continue

@@ -122,16 +122,21 @@ def epsilon_from_history(history: Sequence[tuple[float, float, int]], delta: flo
     return float(pacc.get_epsilon(delta))
 
 
-def compute_epsilon(q: float, sigma: float, steps: int, delta: float, accountant: str = "rdp") -> float:
-    """ε of `steps` releases of a Poisson-subsampled Gaussian with rate q and noise multiplier σ."""
+def compute_epsilon(
+    q: float, sigma: float, steps: int, delta: float, accountant: str = "rdp", prefix: Sequence[tuple] = ()
+) -> float:
+    """ε of `steps` releases of a Poisson-subsampled Gaussian with rate q and noise multiplier σ, composed
+    after the releases in `prefix` ((σ, q, count) runs, e.g. a DP vocabulary released before training)."""
     if int(steps) < 0:
         raise ConfigError(f"steps={steps} is negative: use a count ≥ 0")
     combine_noise_multipliers(sigma)  # validates
-    return epsilon_from_history([(float(sigma), q, int(steps))], delta, accountant)
+    return epsilon_from_history([*prefix, (float(sigma), q, int(steps))], delta, accountant)
 
 
-def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float, accountant: str = "rdp") -> float:
-    """Smallest σ (to a relative ε tolerance of 1e-4) with ε(q, σ, steps, δ) ≤ target_epsilon.
+def calibrate_noise(
+    q: float, steps: int, delta: float, target_epsilon: float, accountant: str = "rdp", prefix: Sequence[tuple] = ()
+) -> float:
+    """Smallest σ (to a relative ε tolerance of 1e-4) with ε(prefix + (q, σ, steps), δ) ≤ target_epsilon.
 
     Bracket by doubling, then bisect on σ keeping the invariant ε(σ_hi) ≤ target < ε(σ_lo); returns σ_hi,
     so the achieved ε never exceeds the target.
@@ -148,8 +153,13 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float, a
     def eps(s: float) -> float:
         with warnings.catch_warnings():  # probes far from the answer hit the ends of Opacus' order grid
             warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-            return compute_epsilon(q, s, steps, delta, accountant)
+            return compute_epsilon(q, s, steps, delta, accountant, prefix)
 
+    if prefix and epsilon_from_history(prefix, delta, accountant) >= target:
+        raise ConfigError(
+            f"the releases made before training already spend ε ≥ {target:g}: raise the target ε or add more "
+            "noise to the earlier release (e.g. the DP vocabulary's --vocab-dp-sigma)"
+        )
     hi = 1.0
     e_hi = eps(hi)
     while e_hi > target:
@@ -205,8 +215,10 @@ class PrivacyBudget:
     epsilon: float | None = None
     accountant: str = "rdp"
     sampling: str = "poisson"
+    prior_releases: tuple = ()  # (σ, q, count) releases composed before the rounds (e.g. a DP vocabulary)
 
     def __post_init__(self) -> None:
+        self.prior_releases = tuple((float(s), _check_rate(q), int(n)) for s, q, n in self.prior_releases)
         self.population = _as_int("population", self.population)
         self.cohort = _as_int("cohort", self.cohort)
         self.rounds = _as_int("rounds", self.rounds)
@@ -233,11 +245,12 @@ class PrivacyBudget:
                 raise ConfigError(f"epsilon={self.epsilon} is invalid: use a finite ε > 0")
             self.epsilon = eps
             self.noise_multiplier = calibrate_noise(
-                self.sampling_rate, self.rounds, self.delta, eps, self.accountant
+                self.sampling_rate, self.rounds, self.delta, eps, self.accountant, self.prior_releases
             )
             self.target_epsilon: float | None = eps
             self.epsilon = compute_epsilon(
-                self.sampling_rate, self.noise_multiplier, self.rounds, self.delta, self.accountant
+                self.sampling_rate, self.noise_multiplier, self.rounds, self.delta, self.accountant,
+                self.prior_releases,
             )
         else:
             sigma = float(self.noise_multiplier)  # type: ignore[arg-type]
@@ -245,7 +258,9 @@ class PrivacyBudget:
                 raise ConfigError(f"noise_multiplier={self.noise_multiplier} is invalid: use a finite σ ≥ 0")
             self.noise_multiplier = sigma
             self.target_epsilon = None
-            self.epsilon = compute_epsilon(self.sampling_rate, sigma, self.rounds, self.delta, self.accountant)
+            self.epsilon = compute_epsilon(
+                self.sampling_rate, sigma, self.rounds, self.delta, self.accountant, self.prior_releases
+            )
 
     @property
     def sampling_rate(self) -> float:

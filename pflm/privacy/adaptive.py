@@ -2,7 +2,8 @@
 
 Per round, with clip bound C:
   device:  clips Δ to C and reports b = 1[‖Δ‖ ≤ C] (aux "unclipped"; b = 1 − "clipped");
-  server:  b̄ = (Σ b + N(0, σ_b'²)) / m      (σ_b' = σ_b·m/M with the noise-cohort option, else σ_b)
+  server:  b̄ = (Σ b + N(0, σ_b'²)) / m̄     (m̄ the expected cohort; σ_b' = σ_b·m̄/M with the noise-cohort
+                                               option, else σ_b — never the realised cohort, which is private)
            C ← C · exp(−η (b̄ − γ))         (geometric update; converges to the γ-quantile of ‖Δ‖).
 
 Privacy (paper, Theorem 1). Centring b to b − ½ gives the count query sensitivity ½, so its noise
@@ -11,7 +12,7 @@ so together they are one Gaussian mechanism with σ = (σ_Δ⁻² + (2σ_b)⁻²
 multiplier σ (the one the budget was calibrated for) the update noise becomes
     σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½),   which requires 2σ_b > σ.
 Account each round with `accounting_noise_multipliers` = (σ_Δ, 2σ_b) (the RunningAccountant combines them
-back to σ). The number of participants m is treated as public (fixed-size cohorts), as in the paper.
+back to σ). Only the noisy count leaves this step; the exact count and the realised cohort size do not.
 Paper defaults: γ = 0.5, η = 0.2, σ_b = M/20.
 """
 
@@ -57,7 +58,8 @@ class AdaptiveClippingConfig:
     target_quantile: float = 0.5
     learning_rate: float = 0.2
     count_noise_std: float | None = None  # σ_b on the noise cohort's count; None → noise_cohort / 20
-    noise_cohort: int | None = None  # M (None: the sampled cohort; then count_noise_std must be given)
+    noise_cohort: int | None = None  # M (None: the expected cohort; then count_noise_std must be given)
+    expected_cohort: int = 0  # m̄: the configured (expected) cohort size; required
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_clip_bound < math.inf:
@@ -68,6 +70,8 @@ class AdaptiveClippingConfig:
             raise ConfigError(f"learning_rate={self.learning_rate} is invalid: use η > 0 (e.g. 0.2)")
         if not 0 <= self.noise_multiplier < math.inf:
             raise ConfigError(f"noise_multiplier={self.noise_multiplier} is invalid: use a finite σ ≥ 0")
+        if self.expected_cohort < 1:
+            raise ConfigError(f"expected_cohort={self.expected_cohort} is invalid: give the configured cohort size")
         if self.noise_cohort is not None and self.noise_cohort < 1:
             raise ConfigError(f"noise_cohort={self.noise_cohort} is invalid: use a positive user count or None")
         if self.count_noise_std is None:
@@ -82,7 +86,7 @@ class AdaptiveClippingConfig:
 class AdaptiveClipping(L2Clip):
     """Clips on the device like `L2Clip` (use it *instead of* L2Clip) and adapts C between rounds.
 
-    Chain: [AdaptiveClipping(cfg, gen), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, M)].
+    Chain: [AdaptiveClipping(cfg, gen), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, m̄, M)].
     `update_context` sets ctx.clip_bound to the current C at each round start; `on_server` releases the
     noisy count and computes the next C. State (C) round-trips through state_dict for exact resume.
     """
@@ -121,9 +125,7 @@ class AdaptiveClipping(L2Clip):
         return clipped, aux
 
     def on_server(self, agg: AggregateResult, ctx: RoundContext) -> tuple[AggregateResult, dict[str, float]]:
-        m = len(ctx.cohort)
-        if m == 0:
-            raise ConfigError("round has an empty cohort: sample at least one device")
+        m = self.config.expected_cohort
         big_m = self.config.noise_cohort or m
         std = self.count_noise_std * m / big_m
         noise = 0.0

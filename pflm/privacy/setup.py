@@ -2,7 +2,8 @@
 
 The only place that turns `PrivacyConfig` into objects, so the simulator and the Flower ServerApp apply the
 same σ, the same noise cohort and the same accounting. ε always refers to the *noise cohort* M out of the
-population N (q = M/N), which the summary states explicitly.
+population N (q = M/N) under Poisson sampling, composed with any DP release the data preparation made (a DP
+vocabulary: one Gaussian release at q = 1 plus its thresholding δ), and the summary says all of it.
 """
 
 from __future__ import annotations
@@ -12,45 +13,91 @@ from typing import Any
 
 from pflm.config import RecipeConfig
 from pflm.errors import ConfigError
-from pflm.privacy.accountant import PrivacyBudget, RunningAccountant
+from pflm.privacy.accountant import PrivacyBudget, RunningAccountant, combine_noise_multipliers, epsilon_from_history
 from pflm.privacy.adaptive import AdaptiveClipping, AdaptiveClippingConfig
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.budget import BudgetGuard
 from pflm.privacy.clipping import L2Clip
-from pflm.privacy.noise import GaussianNoisePostprocessor, SecureGaussian, derive_key
+from pflm.privacy.noise import GaussianNoisePostprocessor
+from pflm.secure_random import SecureRandom, new_key, subkey
+
+REPRODUCIBLE_WARNING = (
+    "REPRODUCIBLE MODE: noise, cohorts and device randomness are derived from the public recipe seed; "
+    "this ε does NOT hold against anyone who knows the seed (set privacy.reproducible=false)"
+)
+
+
+def data_prior_releases(data_privacy: dict | None) -> tuple[list[tuple[float, float, int]], float]:
+    """(accountant history, extra δ) of the DP releases a `pflm prepare` made from the training users."""
+    rel = (data_privacy or {}).get("dp_release")
+    if not rel:
+        return [], 0.0
+    try:
+        history = [(float(rel["noise_multiplier"]), float(rel.get("sampling_rate", 1.0)), int(rel.get("count", 1)))]
+        return history, float(rel.get("threshold_delta", 0.0))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("the data manifest's privacy.dp_release is malformed; re-run `pflm prepare`") from None
+
+
+def check_data_privacy(cfg: RecipeConfig, data_privacy: dict, data_dir: str) -> None:
+    """Refuse a DP run on data whose vocabulary or prior was computed from the training users without DP:
+    both are released (the tokenizer file, the output bias, the PEU rows, the NCE noise distribution)."""
+    if not cfg.private:
+        return
+    leaks = [k for k in ("vocabulary", "prior") if data_privacy.get(k, "private") not in ("public", "dp")]
+    if leaks:
+        raise ConfigError(
+            f"{data_dir} has a {' and '.join(leaks)} computed from the training users' private data, which a DP run "
+            "would release; re-run `pflm prepare` with --tokenizer-input wordfreq, a public --tokenizer-input FILE, "
+            "or --vocab-source dp"
+        )
+
+
+def device_postprocessors(cfg: RecipeConfig, population: int) -> list[Postprocessor]:
+    """The chain as code on a device needs it (only `on_device`, i.e. clipping): built with a throwaway key,
+    since devices never hold the server's run key (its noise and cohort streams stay on the server)."""
+    return PrivacySetup(cfg, population, new_key()).postprocessors
 
 
 class PrivacySetup:
-    def __init__(self, cfg: RecipeConfig, train_users: int) -> None:
+    def __init__(self, cfg: RecipeConfig, train_users: int, run_key: bytes, data_privacy: dict | None = None) -> None:
         p = cfg.privacy
         self.cfg = cfg
+        self.train_users = train_users
         self.population = p.population or train_users
-        self.noise_cohort = p.noise_cohort or cfg.server.cohort_size
+        self.expected_cohort = cfg.server.cohort_size
+        self.noise_cohort = p.noise_cohort or self.expected_cohort
         if self.noise_cohort > self.population:
             raise ConfigError(
                 f"noise cohort {self.noise_cohort} exceeds the population {self.population}; "
                 "lower privacy.noise_cohort or raise privacy.population"
             )
         self.q = self.noise_cohort / self.population
-        self.delta = p.delta
-        sampling = "poisson" if cfg.server.sampling == "poisson" else "fixed"
-        if p.target_epsilon is not None:
-            self.budget = PrivacyBudget(
-                population=self.population, cohort=self.noise_cohort, rounds=cfg.server.rounds, delta=p.delta,
-                epsilon=p.target_epsilon, accountant=p.accountant, sampling=sampling,
+        self.delta = p.delta  # the δ we print: accountant δ + the thresholding δ of a DP vocabulary
+        self.data_privacy = data_privacy or {}
+        self.prior_history, self.threshold_delta = data_prior_releases(data_privacy) if cfg.private else ([], 0.0)
+        self.accounting_delta = self.delta - self.threshold_delta
+        if self.accounting_delta <= 0:
+            raise ConfigError(
+                f"privacy.delta={self.delta:g} does not exceed the DP vocabulary's threshold δ={self.threshold_delta:g}; "
+                "raise privacy.delta or prepare the data with a smaller --vocab-dp-threshold-delta"
             )
+        budget_kw: dict[str, Any] = dict(
+            population=self.population, cohort=self.noise_cohort, rounds=cfg.server.rounds,
+            delta=self.accounting_delta, accountant=p.accountant, sampling=cfg.server.sampling,
+            prior_releases=tuple(self.prior_history),
+        )
+        if p.target_epsilon is not None:
+            self.budget = PrivacyBudget(epsilon=p.target_epsilon, **budget_kw)
             self.noise_multiplier = float(self.budget.noise_multiplier)
-            self.guard: BudgetGuard | None = BudgetGuard(p.target_epsilon, p.delta)
+            self.guard: BudgetGuard | None = BudgetGuard(p.target_epsilon, self.accounting_delta)
         else:
             self.noise_multiplier = float(p.noise_multiplier or 0.0)
-            self.budget = PrivacyBudget(
-                population=self.population, cohort=self.noise_cohort, rounds=cfg.server.rounds, delta=p.delta,
-                noise_multiplier=self.noise_multiplier, accountant=p.accountant, sampling=sampling,
-            )
+            self.budget = PrivacyBudget(noise_multiplier=self.noise_multiplier, **budget_kw)
             self.guard = None
-        key = derive_key(cfg.seed if p.noise_seed == "run_seed" else None)
-        self.generator = SecureGaussian(key)
+        self.generator = SecureRandom(subkey(run_key, "central-noise"))
         self.accountant = RunningAccountant(p.accountant)
+        self.accountant.history = list(self.prior_history)
         self.adaptive: AdaptiveClipping | None = None
         ac = p.adaptive_clipping
         if ac.enabled:
@@ -59,6 +106,7 @@ class PrivacySetup:
                     initial_clip_bound=p.clip_bound, noise_multiplier=self.noise_multiplier,
                     target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
                     count_noise_std=ac.count_noise_std or None, noise_cohort=self.noise_cohort,
+                    expected_cohort=self.expected_cohort,
                 ),
                 self.generator,
             )
@@ -70,7 +118,7 @@ class PrivacySetup:
         self.update_noise_multiplier = update_sigma
         self.postprocessors: list[Postprocessor] = [
             clip,
-            GaussianNoisePostprocessor(update_sigma, self.generator, noise_cohort=self.noise_cohort),
+            GaussianNoisePostprocessor(update_sigma, self.generator, self.expected_cohort, self.noise_cohort),
         ]
 
     @property
@@ -82,44 +130,86 @@ class PrivacySetup:
             return self.adaptive.accounting_noise_multipliers
         return self.noise_multiplier
 
-    def account_round(self) -> dict[str, float]:
-        """Record one release (only called once a round's aggregate was really applied)."""
-        if not self.private:
+    def account_round(self, releases: int = 1) -> dict[str, float]:
+        """Record a round's release(s): only called once its aggregate was really applied. `releases` > 1 when
+        a resumed run redid a round that had already been released with a different result (see ledger)."""
+        if not self.private or releases < 1:
             return {}
-        self.accountant.step(self._round_sigmas(), self.q)
-        return {"epsilon": self.accountant.epsilon(self.delta)}
+        self.accountant.step(self._round_sigmas(), self.q, n=releases)
+        return {"epsilon": self.accountant.epsilon(self.accounting_delta)}
 
-    def stop_reason(self, round_idx: int) -> str | None:
+    def stop_reason(self, round_idx: int, pending_releases: int = 1) -> str | None:
+        """Why round `round_idx` must not run (its release would exceed the target ε), else None.
+        `pending_releases` counts the releases the round may be charged (more than one after a resume)."""
         if self.guard is None or not self.private:
             return None
-        if self.guard.allows_next_round(self.accountant, self._round_sigmas(), self.q, round_idx + 1):
+        trial = self.accountant.copy()
+        if pending_releases > 1:
+            trial.step(self._round_sigmas(), self.q, n=pending_releases - 1)
+        if self.guard.allows_next_round(trial, self._round_sigmas(), self.q, round_idx + 1):
             return None
         return self.guard.stop_reason
 
     def epsilon(self) -> float | None:
         if not self.private:
             return None
-        eps = self.accountant.epsilon(self.delta) if self.accountant.steps else 0.0
+        eps = self.accountant.epsilon(self.accounting_delta) if self.accountant.steps else 0.0
+        return None if math.isinf(eps) else eps
+
+    def simulated_users_epsilon(self) -> float | None:
+        """With the noise-cohort option, the ε that holds for the users the simulation really trained: their
+        sum gets noise σ·m̄/M (not σ), at rate m̄ / (number of training users)."""
+        if not self.private or self.noise_cohort == self.expected_cohort and self.population == self.train_users:
+            return self.epsilon()
+        rounds = self.accountant.steps - sum(n for _, _, n in self.prior_history)
+        if rounds <= 0:
+            return 0.0
+        sigma = combine_noise_multipliers(self._round_sigmas()) * self.expected_cohort / self.noise_cohort
+        q = min(1.0, self.expected_cohort / self.train_users)
+        eps = epsilon_from_history([*self.prior_history, (sigma, q, rounds)], self.accounting_delta, self.cfg.privacy.accountant)
         return None if math.isinf(eps) else eps
 
     def summary(self) -> dict[str, Any]:
-        return {
+        p = self.cfg.privacy
+        private = self.private
+        out: dict[str, Any] = {
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "update_noise_multiplier": self.update_noise_multiplier,
-            "target_epsilon": self.cfg.privacy.target_epsilon,
-            "accountant": self.cfg.privacy.accountant,
+            "target_epsilon": p.target_epsilon,
+            "accountant": p.accountant,
+            "sampling": self.cfg.server.sampling,
             "privacy_population": self.population,
             "noise_cohort": self.noise_cohort,
+            "expected_cohort": self.expected_cohort,
             "sampling_rate": self.q,
-            "epsilon_refers_to": (
-                f"user-level DP for a population of {self.population} users with cohorts of {self.noise_cohort} "
-                f"(q={self.q:g}); {self.budget.sampling_statement}"
-                if self.private else "no noise: the model is not differentially private"
-            ),
-            "final_clip_bound": self.adaptive.clip_bound if self.adaptive else self.cfg.privacy.clip_bound,
+            "reproducible": p.reproducible,
+            "vocabulary_source": self.data_privacy.get("vocabulary", "private"),
+            "prior_source": self.data_privacy.get("prior", "private"),
+            "final_clip_bound": self.adaptive.clip_bound if self.adaptive else p.clip_bound,
         }
+        if not private:
+            out["epsilon_refers_to"] = "no noise: the model is not differentially private"
+            return out
+        parts = [
+            f"user-level (ε, δ)-DP (add/remove one user) for a population of {self.population} users with "
+            f"Poisson-sampled cohorts of expected size {self.noise_cohort} (q={self.q:g}), {p.accountant} accountant"
+        ]
+        if self.prior_history:
+            parts.append(f"composed with the DP vocabulary/prior release (σ={self.prior_history[0][0]:g}, "
+                         f"threshold δ={self.threshold_delta:g} included in δ)")
+        out["epsilon_refers_to"] = "; ".join(parts)
+        if self.noise_cohort != self.expected_cohort or self.population != self.train_users:
+            out["simulated_users_epsilon"] = self.simulated_users_epsilon()
+            out["simulated_users_note"] = (
+                f"noise-cohort setting: the {self.train_users} users this simulation trained ({self.expected_cohort} "
+                f"expected per round) get noise σ·{self.expected_cohort}/{self.noise_cohort} on their sum; "
+                "simulated_users_epsilon is the ε that holds for them"
+            )
+        if p.reproducible:
+            out["privacy_warning"] = REPRODUCIBLE_WARNING
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {

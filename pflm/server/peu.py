@@ -2,9 +2,9 @@
 
 The choice never looks at any device's data: `topk` takes the K most frequent tokens of a *prior*, `sampled`
 draws K rows per round from the server's own randomness (uniform or prior-weighted), `all` releases every row.
-The prior is the train-split token counts written by `pflm prepare` (`token_counts.npy`); using it assumes those
-counts are public (e.g. from a proxy/public corpus, like the vocabulary itself) or were released with DP —
-see docs/peu.md. Special tokens (pad, unk, <s>, </s>) are always selected.
+The prior is the data's public or DP frequency prior (`prior_counts.npy` from `pflm prepare`: a public word
+list, a public text file, or a DP histogram of the training users); DP runs refuse data whose prior is the
+training users' exact counts (docs/peu.md). Special tokens (pad, unk, <s>, </s>) are always selected.
 """
 
 from __future__ import annotations

@@ -1,16 +1,22 @@
-"""Cohort sampling: fixed-size (uniform without replacement) or Poisson (each user independently with rate q)."""
+"""Cohort sampling from the run's secret key: Poisson (each user independently with rate q) or fixed-size.
+
+The cohort must be secret: amplification by subsampling, which the ε relies on, assumes nobody outside the
+server learns who took part. So it is drawn from the run's CSPRNG (`pflm.secure_random`), never from the
+recipe's public seed; a resumed run redraws exactly the same cohort from the same key.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from pflm.errors import ConfigError
+from pflm.secure_random import SecureRandom
+
+PURPOSE = "cohort"
 
 
-def sample_cohort(population: int, cohort_size: int, mode: str, seed: int, round_idx: int) -> list[int]:
-    """User indices of the round's cohort; depends only on (seed, round) so resumed runs resample identically."""
-    rng = np.random.default_rng([seed, round_idx, 0xC0])
+def sample_cohort(population: int, cohort_size: int, mode: str, rng: SecureRandom, round_idx: int) -> list[int]:
+    """User indices of round `round_idx`'s cohort, a pure function of (run key, round)."""
     if mode == "fixed":
-        return sorted(rng.choice(population, size=min(cohort_size, population), replace=False).tolist())
+        return rng.choice(round_idx, population, min(cohort_size, population), PURPOSE).tolist()
     if mode == "poisson":
-        q = min(1.0, cohort_size / population)
-        return np.flatnonzero(rng.random(population) < q).tolist()
-    raise ValueError(f"unknown sampling mode {mode!r}")
+        return rng.bernoulli(round_idx, population, min(1.0, cohort_size / population), PURPOSE).tolist()
+    raise ConfigError(f"unknown sampling mode {mode!r}: use poisson or fixed")

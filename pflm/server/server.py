@@ -16,11 +16,14 @@ from pflm.aggregator.base import AggregateResult, RoundContext
 from pflm.config import RecipeConfig
 from pflm.device.layout import Layout, trainable_names
 from pflm.device.trainer import build_device_model
+from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.setup import PrivacySetup
 from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
 from pflm.server.peu import RowSelector
+from pflm.secure_random import SecureRandom, subkey
+from pflm.server.ledger import ReleaseLedger, release_digest
 from pflm.server.sampling import sample_cohort
 
 
@@ -36,7 +39,18 @@ class RoundPlan:
 
 
 class FederatedServer:
-    def __init__(self, cfg: RecipeConfig, vocab_size: int, population: int, prior_counts: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        cfg: RecipeConfig,
+        vocab_size: int,
+        population: int,
+        prior_counts: np.ndarray | None,
+        run_key: bytes,
+        data_privacy: dict | None = None,
+        ledger: ReleaseLedger | None = None,
+    ) -> None:
+        """`run_key` is the run's secret (cohorts, noise); `data_privacy` the data's privacy manifest section
+        (DP releases made while preparing it); `ledger` records releases so redone rounds are charged right."""
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.population = population
@@ -46,33 +60,34 @@ class FederatedServer:
         self.vocab_names = set(self.model.vocab_parameters())
         names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
         self.global_layout = Layout(self.model, names)
+        self.prior_counts = None if prior_counts is None else np.asarray(prior_counts, dtype=np.float64)
         if cfg.server.init_output_bias == "prior" and prior_counts is not None:
-            self._init_bias_from_prior(np.asarray(prior_counts, dtype=np.float64))
+            self._init_bias_from_prior(self.prior_counts)
         if cfg.server.zero_output_weight:
             with torch.no_grad():
                 self.model.output_weight().zero_()
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
-        self.privacy = PrivacySetup(cfg, population)
+        self.privacy = PrivacySetup(cfg, population, run_key, data_privacy)
+        self.cohort_rng = SecureRandom(subkey(run_key, "cohort-sampling"))
+        self.ledger = ledger
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
         self.rounds_done = 0
 
     @torch.no_grad()
     def _init_bias_from_prior(self, prior: np.ndarray) -> None:
-        """Output bias = log unigram prior (add-one), so rows no device ever trains (PEU) keep a sensible
-        probability under the full softmax instead of a uniform share. Uses only the public prior."""
-        if prior.shape != (self.vocab_size,):
-            return
-        p = prior.copy()
-        p[:3] = 0.0
-        p[3] = p.sum() / 10.0  # </s>: about one sentence end per ten words
-        logp = np.log((p + 1.0) / (p + 1.0).sum())
-        logp[0] = logp[2] = -30.0  # pad and <s> are never predicted
-        self.model.output_bias().copy_(torch.as_tensor(logp, dtype=torch.float32))
+        """Output bias = log unigram prior, so rows no device ever trains (PEU) keep a sensible probability under
+        the full softmax instead of a uniform share. The prior is public or DP (the simulator refuses others)."""
+        if prior.shape == (self.vocab_size,):
+            self.model.output_bias().copy_(torch.as_tensor(prior_log_probs(prior), dtype=torch.float32))
 
     # ---- round planning -------------------------------------------------------------------------------------
+    def pending_releases(self, round_idx: int) -> int:
+        """Releases round `round_idx` may be charged if run now (1, or more when a resume redoes it)."""
+        return 1 + (self.ledger.releases_of(round_idx) if self.ledger is not None else 0)
+
     def plan_round(self, round_idx: int) -> RoundPlan:
-        cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling, self.cfg.seed, round_idx)
+        cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling, self.cohort_rng, round_idx)
         rows = self.selector.select(round_idx)
         ctx = RoundContext(
             round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.cfg.privacy.clip_bound, seed=self.cfg.seed
@@ -94,19 +109,26 @@ class FederatedServer:
 
     # ---- applying the aggregate -----------------------------------------------------------------------------
     def finish_round(self, plan: RoundPlan, agg: AggregateResult) -> dict[str, float]:
-        """Noise → average → server step → account. Returns round metrics."""
+        """Noise → record the release → average → server step → account. Returns round metrics (the exact
+        contributor count among them is private under Poisson sampling: the caller keeps it out of metrics)."""
         metrics: dict[str, float] = {"contributors": agg.num_contributors}
         for pp in self.postprocessors:
             agg, m = pp.on_server(agg, plan.ctx)
             metrics.update(m)
+        releases = 1
+        if self.ledger is not None and self.privacy.private:
+            releases = self.ledger.record(plan.round, release_digest(agg, plan.ctx.clip_bound))
+            if releases > 1:
+                metrics["releases_of_round"] = releases  # redone after a resume with a different result
         if self.cfg.server.weighting == "uniform":
-            denom = float(self.cfg.server.cohort_size) if self.privacy.noise_multiplier > 0 else float(agg.num_contributors)
+            # DP: divide by the expected cohort (public); the realised count is private under Poisson sampling.
+            denom = float(self.cfg.server.cohort_size) if self.privacy.private else float(max(agg.num_contributors, 1))
         else:
             denom = max(agg.weight_sum, 1e-12)
         avg = agg.total / denom
         metrics["update_norm"] = float(avg.norm())
         self._apply(avg, plan.rows)
-        metrics.update(self.privacy.account_round())
+        metrics.update(self.privacy.account_round(releases))
         every = self.cfg.server.lora_merge_every
         if every and self.cfg.model.lora.rank > 0 and (plan.round + 1) % every == 0:
             fold_and_restart(self.model, self.cfg.seed, plan.round)

@@ -36,13 +36,34 @@ def train_cmd(args: argparse.Namespace) -> int:
         summary = Simulator(cfg).run(progress=not args.no_progress)
     keys = [
         "val_perplexity", "test_perplexity", "test_word_perplexity", "unigram_test_word_perplexity",
-        "epsilon", "delta", "noise_multiplier", "rounds", "wall_seconds", "stop_reason",
+        "rounds", "wall_seconds", "stop_reason",
     ]
     for k in keys:
         if k in summary:
             print(f"{k}: {summary[k]}")
+    for line in privacy_lines(summary):
+        print(line)
     print(f"run_dir: {cfg.run_dir}")
     return 0
+
+
+def privacy_lines(summary: dict) -> list[str]:
+    """The privacy statement of a finished run, in words: never a bare ε."""
+    if summary.get("epsilon") is None and summary.get("noise_multiplier", 0) == 0:
+        return ["epsilon: none (no DP noise: the model is NOT differentially private)"]
+    eps = summary.get("epsilon")
+    out = [
+        f"epsilon: {eps if eps is not None else 'inf'} (delta {summary['delta']:g}, {summary['accountant']} accountant, "
+        f"noise multiplier {summary['noise_multiplier']:.4g})",
+        f"privacy: {summary['epsilon_refers_to']}",
+        f"vocabulary: {summary.get('vocabulary_source')}, prior: {summary.get('prior_source')}",
+    ]
+    if "simulated_users_epsilon" in summary:
+        se = summary["simulated_users_epsilon"]
+        out.append(f"simulated_users_epsilon: {se if se is not None else 'inf'} ({summary['simulated_users_note']})")
+    if summary.get("privacy_warning"):
+        out.append(f"WARNING: {summary['privacy_warning']}")
+    return out
 
 
 def eval_cmd(args: argparse.Namespace) -> int:
@@ -53,7 +74,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
     model, cfg, _tok, manifest = load_run_model(args.run_dir)
     fd = FederatedData.open(args.data or cfg.data.dir)
-    if fd.manifest.get("tokenizer") != manifest.get("tokenizer"):
+    from pflm.data.store import same_tokenizer
+
+    if not same_tokenizer(fd.manifest, manifest):
         from pflm.errors import PflmError
 
         raise PflmError(f"{args.data or cfg.data.dir} uses a different tokenizer than run {args.run_dir}; pass the run's data dir")

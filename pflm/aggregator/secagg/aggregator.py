@@ -3,8 +3,16 @@
 `begin` runs AdvertiseKeys and ShareKeys for the cohort, `upload` runs the device's encoding and masking (the
 same `SecAggClient` code a real device runs; thread-safe, so simulated devices can mask concurrently),
 `receive` sums the masked vector on the server, `drop` marks a dropout, `finalize` runs Unmasking and decodes.
-`mode="simulate"` skips the cryptography but draws the same rounding, dropouts and survivor sets, so its
-integer sum is bit-identical to the full protocol's.
+`mode="simulate"` skips the cryptography but draws the same dropouts and survivor sets (and, with
+`rounding="seeded"`, the same rounding), so its integer sum is then bit-identical to the full protocol's.
+
+Before encoding, each device scales its update to norm ≤ clip_bound·weight − the codec's rounding slack
+(`FixedPointCodec.fit_norm`), so no rounding outcome can raise a contribution's norm above the clip bound the
+accountant assumes; `begin` raises ConfigError when that slack would exceed 1% of the clip bound. Rounding keys
+are fresh OS-CSPRNG keys per upload (`rounding="urandom"`, the default), or — in a simulation that hands the
+aggregator its secret run key — subkey(run_key, "secagg-rounding", round, device): just as secret to anyone
+without the run key, and redrawn identically on resume / in reproducible runs. `rounding="seeded"` derives them
+from the public seed (reproducible, NOT secret).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
 from pflm.aggregator.secagg.protocol import SecAggServer, key_sharing_survivors, recovery_problem
 from pflm.errors import AggregationFailed
 from pflm.runtime import resolve_workers
+from pflm.secure_random import subkey
 
 STAGES = ("advertise", "share", "masked_input", "unmask")
 QUANT_PROBES = 1 << 16  # coordinates compared with the float sum for secagg_quant_error_max (an even stride)
@@ -57,9 +66,11 @@ def upload_bytes_estimate(degree: int, length: int, bits: int) -> int:
     return 104 + degree * share_msg + (length * bits + 7) // 8 + 8 + degree * (8 + shamir.SHARE_BYTES)
 
 
-def make_secure_aggregator(options: dict[str, Any] | None, seed: int | None = None) -> SecureAggregator:
-    """The recipe's `aggregation: secure` aggregator (options = the `aggregation.secagg` mapping)."""
-    return SecureAggregator.from_options(options, seed)
+def make_secure_aggregator(options: dict[str, Any] | None, seed: int | None = None,
+                           run_key: bytes | None = None) -> SecureAggregator:
+    """The recipe's `aggregation: secure` aggregator (options = the `aggregation.secagg` mapping); `run_key`: the
+    simulation's secret run key, which then keys the (default, secret) stochastic rounding of every upload."""
+    return SecureAggregator.from_options(options, seed, run_key)
 
 
 class SecureAggregator(Aggregator):
@@ -75,14 +86,18 @@ class SecureAggregator(Aggregator):
     name = "secure"
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None, seed: int | None = None) -> SecureAggregator:
+    def from_options(cls, options: dict[str, Any] | None, seed: int | None = None,
+                     run_key: bytes | None = None) -> SecureAggregator:
         """Build from a recipe's `aggregation.secagg` mapping (unknown keys → ConfigError with a suggestion)."""
         from pflm.config_base import from_dict
 
-        return cls(from_dict(SecAggConfig, dict(options or {}), "aggregation.secagg"), seed)
+        return cls(from_dict(SecAggConfig, dict(options or {}), "aggregation.secagg"), seed, run_key)
 
-    def __init__(self, config: SecAggConfig | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: SecAggConfig | None = None, seed: int | None = None,
+                 run_key: bytes | None = None) -> None:
         self.config = config or SecAggConfig()
+        # secret key of the simulated devices' rounding streams (rounding="urandom"); None = fresh OS randomness
+        self._rounding_secret = None if run_key is None else subkey(run_key, "secagg-rounding")
         self.workers = resolve_workers(self.config.threads)
         self._lock = threading.Lock()
         self.run_seed = seed  # public seed of graphs, simulated dropouts and rounding; None = ctx.seed
@@ -131,6 +146,13 @@ class SecureAggregator(Aggregator):
         if not (math.isfinite(ctx.clip_bound) and ctx.clip_bound > 0):
             self._failure = f"the clip bound must be finite and > 0 to fix the encoding scale, got {ctx.clip_bound}"
             return
+        try:  # the rounding slack depends only on bits, cohort, dim and the value bound (not on the aux layout)
+            probe = FixedPointCodec(cfg.bits, n, ctx.dim, ctx.clip_bound * cfg.value_factor, cfg.max_weight, (),
+                                    cfg.aux_bound)
+        except AggregationFailed:
+            probe = None  # bits too small for the cohort: the first upload raises the usual message
+        if probe is not None:
+            probe.check_slack(ctx.clip_bound)
         self.degree = effective_degree(n, cfg.degree(n))
         self.threshold = cfg.threshold_for(self.degree)
         self.graph = harary_graph(cohort, cfg.degree(n), graph_seed(self._seed, ctx.round))
@@ -227,8 +249,16 @@ class SecureAggregator(Aggregator):
                 "list every aux name in aggregation.secagg.aux_keys"
             )
         x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encoded chunk by chunk
+        # The rounding must not raise the norm: shrink to ≤ C·weight − slack first (a copy; the caller's tensor
+        # is untouched). With uniform weighting the weight is 1 and the decoded contribution has norm ≤ C.
+        x = codec.fit_norm(x, ctx.clip_bound * max(float(weight), 0.0))
         t0 = time.perf_counter()
-        key = rounding_key(self._seed if self.config.rounding == "seeded" else None, ctx.round, u)
+        if self.config.rounding == "seeded":
+            key = rounding_key(self._seed, ctx.round, u)  # public: reproducible, not secret
+        elif self._rounding_secret is not None:
+            key = subkey(self._rounding_secret, "upload", ctx.round, u)  # secret, reproducible with the run key
+        else:
+            key = rounding_key(None, ctx.round, u)  # fresh from the OS CSPRNG
         if self.config.mode == "full":
             assert self.server is not None
             encoder = codec.encoder(x, float(weight), aux, key)
@@ -342,6 +372,7 @@ class SecureAggregator(Aggregator):
         m: dict[str, float] = {
             "secagg_wraps": float(clamped),
             "secagg_quant_step": 1.0 / self.codec.value_scale,
+            "secagg_rounding_slack": self.codec.rounding_slack(),  # norm reserved per device for rounding
             "secagg_quant_error_bound": self.codec.quant_error_bound(contributors),
             "secagg_survivors": float(contributors),
             "secagg_key_sharing": float(len(self.u2)),

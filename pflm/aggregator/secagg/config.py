@@ -31,13 +31,19 @@ class SecAggConfig:
     value_bound_factor: float | None = None
     aux_bound: float = 1.0  # bound on each aux scalar (e.g. the 0/1 "clipped" indicator)
     aux_keys: list[str] = field(default_factory=list)  # aux layout; [] = the keys of the round's first update
-    # "seeded": stochastic-rounding stream derived from (run seed, round, device); "urandom": fresh per device
-    rounding: Literal["seeded", "urandom"] = "seeded"
+    # "urandom" (default): each device upload draws a fresh secret stochastic-rounding key from the OS CSPRNG
+    # (in a simulation given the secret run key: subkey(run_key, ...) per round and device, secret and resumable).
+    # "seeded": the stream is SHA-256(run seed, round, device), i.e. reproducible but NOT secret (the recipe seed
+    # is public: anyone can recompute every device's rounding draws); for tests and bit-exact replays only.
+    rounding: Literal["seeded", "urandom"] = "urandom"
     dropout_advertise: float = 0.0  # simulated probability a device drops before advertising keys
     dropout_share: float = 0.0  # ... after advertising, before sending its encrypted shares
     dropout_masked_input: float = 0.0  # ... after key sharing, before sending its masked input
     dropout_unmask: float = 0.0  # ... after sending its masked input, before answering the unmasking request
-    measure_quant_error: bool = True  # simulation diagnostic: compare with the float sum seen in-process
+    # Simulation-only diagnostic: each upload also carries a PLAINTEXT sample of its update (≤ 65,536 coordinates)
+    # so finalize can report secagg_quant_error_max. That sample bypasses secure aggregation: keep False for
+    # anything but codec debugging.
+    measure_quant_error: bool = False
     threads: int = 0  # threads for encoding, mask expansion and unmasking (0 = every CPU this process may use)
     keep_transcript: bool = False  # keep the server's full view (tests / audits; memory ∝ cohort · dim)
 

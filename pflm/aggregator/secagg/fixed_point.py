@@ -4,6 +4,12 @@ One encoded vector = [update (dim) | weight | aux scalars | clamp counter]. Each
 [−L, L] with L = min(⌊(2^(b−1) − 1) / n⌋, 2^42) for a cohort of n, so any sum of ≤ n devices stays inside
 the signed range of Z_{2^b} and decodes exactly. Values beyond their bound are clamped and counted; the
 counter is itself summed securely (the server learns only the cohort's total). Both protocol modes call `encode`.
+
+Sensitivity. Rounding moves each update coordinate by less than one step 1/value_scale, so it can push a clipped
+update of norm C up to C + √d/value_scale: the DP sensitivity would silently grow. `fit_norm` (called by the
+device before encoding) scales the update to norm ≤ bound − `rounding_slack()`, which makes the decoded
+contribution's norm ≤ bound for EVERY rounding outcome. Clamping to [−L, L] only moves a coordinate towards
+zero (never raises the norm), and L·n < 2^(b−1) keeps any sum of ≤ n devices from wrapping modulo 2^b.
 """
 
 from __future__ import annotations
@@ -18,17 +24,31 @@ from dataclasses import dataclass
 import numpy as np
 
 from pflm.aggregator.secagg.masking import prg, run_ranges, word_dtype
-from pflm.errors import AggregationFailed
+from pflm.errors import AggregationFailed, ConfigError
 
 MAX_LEVEL = 1 << 42
+# |encoded − value·scale| < 1 + ROUNDING_MARGIN in integer units: < 1 for exact arithmetic (floor(y + u), u < 1),
+# plus float64 rounding of y = value·scale and of y + u (≤ 2 · 2^-53 · 2^42 = 2^-10 at the level cap).
+ROUNDING_MARGIN = 2.0**-8
+SLACK_LIMIT = 0.01  # largest rounding slack accepted, as a fraction of the clip bound
 CHUNK = 1 << 16  # values per chunk of `encode` (a multiple of the 4 rounding uniforms per AES block)
 
 
 def rounding_key(run_seed: int | None, round_: int, device_id: int) -> bytes:
-    """Key of the stochastic-rounding stream: reproducible from (run seed, round, device), or fresh if seed is None."""
+    """Key of the stochastic-rounding stream: fresh from the OS CSPRNG if seed is None (the default `urandom`
+    mode), else SHA-256 of (run seed, round, device) — reproducible but NOT secret (`rounding="seeded"`)."""
     if run_seed is None:
         return secrets.token_bytes(32)
     return hashlib.sha256(f"pflm-secagg-round|{run_seed}|{round_}|{device_id}".encode()).digest()
+
+
+def _norm64(x: np.ndarray) -> float:
+    """L2 norm accumulated in float64, chunk by chunk (exact squares of float32 values, no big temporaries)."""
+    acc = 0.0
+    for lo in range(0, x.size, CHUNK):
+        seg = x[lo : lo + CHUNK].astype(np.float64)
+        acc += float(np.dot(seg, seg))
+    return math.sqrt(acc)
 
 
 class _Scratch:
@@ -181,6 +201,41 @@ class FixedPointCodec:
         s[self.dim + 1 : -1] = self.level / self.aux_bound
         s[-1] = 1.0  # clamp counter: plain integers
         return s
+
+    def rounding_slack(self) -> float:
+        """Bound on ‖decode(encode(x)) − x‖₂ over the update part, for every rounding outcome: √d steps."""
+        return math.sqrt(self.dim) * (1.0 + ROUNDING_MARGIN) / self.value_scale
+
+    def fit_norm(self, update: np.ndarray, bound: float) -> np.ndarray:
+        """The update scaled (float32, a new array) to L2 norm ≤ bound − rounding_slack(), or itself if already.
+
+        After `encode`, the decoded contribution then has norm ≤ bound whatever the rounding draws. A non-finite
+        update is returned unchanged (`encode` flags it and the device is excluded)."""
+        target = float(bound) - self.rounding_slack()
+        norm = _norm64(update)
+        if not math.isfinite(norm) or norm <= target:
+            return update
+        if target <= 0.0:
+            return np.zeros_like(update, dtype=np.float32)
+        y = np.empty(update.shape, dtype=np.float32)
+        factor = target / norm
+        for lo in range(0, update.size, CHUNK):  # in float64, chunk by chunk (no vector-sized temporaries)
+            np.multiply(update[lo : lo + CHUNK], factor, out=y[lo : lo + CHUNK], dtype=np.float64, casting="same_kind")
+        for _ in range(64):  # float32 rounding of the scaled values may leave the norm a hair above target
+            if _norm64(y) <= target:
+                return y
+            y *= np.float32(1.0 - 2.0**-20)
+        raise AssertionError("fit_norm did not converge")  # unreachable: each pass shrinks every normal value
+
+    def check_slack(self, clip_bound: float) -> None:
+        """ConfigError when the rounding slack exceeds SLACK_LIMIT of the clip bound (too few bits)."""
+        slack = self.rounding_slack()
+        if slack > SLACK_LIMIT * clip_bound:
+            raise ConfigError(
+                f"aggregation.secagg.bits={self.bits} is too coarse for {self.dim:,} values and a cohort of "
+                f"{self.cohort_size}: rounding slack {slack / clip_bound:.2%} of the clip bound (> "
+                f"{SLACK_LIMIT:.0%}) would shrink every update; raise aggregation.secagg.bits (e.g. 32 or more)"
+            )
 
     def quant_error_bound(self, contributors: int) -> float:
         """Worst-case |decoded − exact| per update coordinate of the sum (each rounding errs by < 1 step)."""
