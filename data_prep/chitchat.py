@@ -1,43 +1,32 @@
-"""The embedded real default corpus: chitchat-dataset messages (PyPI, offline), one user per sender."""
+"""Entry point: write the embedded chitchat-dataset messages as JSONL rows {"user", "text"} (one user per sender).
+
+    python -m data_prep.chitchat --max-users 500 --out chitchat.jsonl
+
+The loader itself is `pflm.data.corpora.chitchat` (what `pflm prepare --corpus chitchat` uses); the names below
+are re-exported for older callers.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+import argparse
+import json
+import sys
 
-from pflm.errors import DataError
+from pflm.data.corpora.chitchat import DEFAULTS, iter_rows, load
 
-# Recipe defaults for `pflm prepare --corpus chitchat` (CLI flags override them).
-DEFAULTS = {"model_type": "word", "vocab_size": 10_000, "min_sentences": 5}
-
-
-def iter_rows(max_users: int | None = None) -> Iterator[tuple[str, str]]:
-    """Yield (sender, text) for every message; with `max_users`, only the first `max_users` senders seen
-    (in the package's conversation order), for fast tests."""
-    try:
-        import chitchat_dataset as ccc
-    except ImportError:  # pragma: no cover - it is a declared dependency
-        raise DataError("the chitchat-dataset package is missing; run `pip install chitchat-dataset`") from None
-    seen: set[str] = set()
-    for convo in ccc.Dataset().values():
-        for turn in convo["messages"]:
-            for msg in turn:
-                sender, text = msg.get("sender"), msg.get("text")
-                if not sender or not isinstance(text, str):
-                    continue
-                if max_users is not None and sender not in seen:
-                    if len(seen) >= max_users:
-                        continue
-                    seen.add(sender)
-                yield sender, text
+__all__ = ["DEFAULTS", "iter_rows", "load", "main"]
 
 
-def load(max_users: int | None = None) -> dict[str, list[str]]:
-    """Column dict {"user": [...], "text": [...]} of chitchat messages (for `datasets.Dataset.from_dict`)."""
-    users: list[str] = []
-    texts: list[str] = []
-    for u, t in iter_rows(max_users):
-        users.append(u)
-        texts.append(t)
-    if not texts:
-        raise DataError("chitchat-dataset yielded no messages; reinstall the chitchat-dataset package")
-    return {"user": users, "text": texts}
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-users", type=int, default=None)
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    args = p.parse_args(argv)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for user, text in iter_rows(args.max_users):
+            f.write(json.dumps({"user": user, "text": text}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,31 +1,29 @@
-"""A public English word list with frequencies (PyPI `wordfreq`), used as a user-independent vocabulary and prior.
+"""Entry point: print the public wordfreq English word list as TSV (word, pseudo-count), most frequent first.
 
-With `pflm prepare --tokenizer-input wordfreq`, the word vocabulary and the PEU/NCE frequency prior come from
-wordfreq's published frequencies (Wikipedia, subtitles, news, books, web text, …), not from any user's
-transcripts, so `peu.mode=topk` row choice needs no assumption about the users' data at all.
+    python -m data_prep.wordfreq_vocab --size 10000 > public_words.tsv
+
+The loader itself is `pflm.data.public_vocab.public_word_counts` (what `pflm prepare --tokenizer-input wordfreq`
+uses); it is re-exported here for older callers.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import argparse
+import sys
 
-from pflm.errors import DataError
+from pflm.data.public_vocab import public_word_counts
+
+__all__ = ["main", "public_word_counts"]
 
 
-def public_word_counts(size: int, normalize: Callable[[str], str] | None = None) -> list[tuple[str, int]]:
-    """The `size` most frequent English words (after `normalize`), with integer pseudo-counts ∝ frequency."""
-    try:
-        import wordfreq
-    except ImportError:  # pragma: no cover - installed by pyproject
-        raise DataError("--tokenizer-input wordfreq needs the `wordfreq` package; pip install wordfreq") from None
-    seen: dict[str, int] = {}
-    for w in wordfreq.top_n_list("en", max(size * 2, 1000), wordlist="large"):
-        n = normalize(w) if normalize else w
-        if not n or " " in n or n in seen:
-            continue
-        seen[n] = max(1, int(round(wordfreq.word_frequency(w, "en", wordlist="large") * 1e9)))
-        if len(seen) >= size:
-            break
-    if len(seen) < size:
-        raise DataError(f"wordfreq supplies only {len(seen)} distinct words; pass --vocab-size {len(seen) + 4} or less")
-    return list(seen.items())
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=10_000)
+    args = p.parse_args(argv)
+    for word, count in public_word_counts(args.size):
+        sys.stdout.write(f"{word}\t{count}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,38 +3,66 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from typing import Callable
 
-# Each module exposes `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`;
-# `func(args)` returns an exit code (or None for 0).
-COMMANDS = {
-    "prepare": "pflm.data.prepare",
-    "train": "pflm.simulation.cli",
-    "eval": "pflm.simulation.cli",
-    "device-report": "pflm.device.report",
-    "privacy": "pflm.privacy.cli",
-    "rescore": "pflm.evaluation.rescore_cli",
-    "nbest": "pflm.evaluation.rescore_cli",
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+# Each command module exposes `register(subparsers)`, adding its subcommand(s) with `set_defaults(func=...)`;
+# `func(args)` returns an exit code (or None for 0). The imports sit inside these functions so that a command
+# loads only its own stage (`pflm privacy` never imports `datasets`, `pflm prepare` never imports opacus).
+
+
+def _prepare(sub: argparse._SubParsersAction) -> None:
+    from pflm.data.prepare import register
+
+    register(sub)
+
+
+def _train(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.train import register
+
+    register(sub)
+
+
+def _device_report(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.device_report import register
+
+    register(sub)
+
+
+def _privacy(sub: argparse._SubParsersAction) -> None:
+    from pflm.privacy.cli import register
+
+    register(sub)
+
+
+def _rescore(sub: argparse._SubParsersAction) -> None:
+    from pflm.evaluation.rescore_cli import register
+
+    register(sub)
+
+
+COMMANDS: dict[str, Registrar] = {
+    "prepare": _prepare,
+    "train": _train,
+    "eval": _train,
+    "device-report": _device_report,
+    "privacy": _privacy,
+    "rescore": _rescore,
+    "nbest": _rescore,
 }
-SUBCOMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
+SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """Import only the invoked stage's module (torch etc. load lazily); all of them for --help."""
+    """Register only the invoked command's stage (torch etc. load lazily); all of them for --help."""
     parser = argparse.ArgumentParser(prog="pflm", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     first = next((a for a in (argv or []) if not a.startswith("-")), None)
-    modules = [COMMANDS[first]] if first in COMMANDS else SUBCOMMAND_MODULES
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a stage not built yet must not break the others
-            if e.name == name:
-                continue
-            raise
-        module.register(sub)
+    for register in [COMMANDS[first]] if first in COMMANDS else SUBCOMMAND_MODULES:
+        register(sub)
     return parser
 
 

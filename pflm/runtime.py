@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pflm.config import RecipeConfig
 
 
 def available_cpus() -> int:
@@ -16,3 +24,24 @@ def available_cpus() -> int:
 def resolve_workers(threads: int) -> int:
     """`threads`, or every CPU this process may use when it is 0."""
     return max(1, threads) if threads > 0 else available_cpus()
+
+
+def thread_plan(cfg: "RecipeConfig") -> tuple[int, int, int]:
+    """(device workers, torch threads per worker, all threads) for a recipe: `threads` CPU threads in all
+    (0 = every CPU), split between `device_workers` concurrent devices (0 = one device per thread)."""
+    total = cfg.threads or available_cpus()
+    workers = cfg.device_workers or total
+    return workers, max(1, total // workers), total
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block (evaluation, the server step) with n torch threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

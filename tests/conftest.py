@@ -26,7 +26,7 @@ def private_synthetic_data(tmp_path_factory) -> str:
 def synthetic_data(tmp_path_factory) -> str:
     """Synthetic users whose vocabulary and prior come from a *public* proxy corpus (other generated users,
     never the training users): the data DP recipes accept, and what most tests train on."""
-    from data_prep.synthetic import generate
+    from pflm.data.corpora.synthetic import generate
     from pflm.data.prepare import PrepareConfig, prepare
     from pflm.data.tokenizer import TokenizerConfig
 

@@ -32,13 +32,13 @@ def test_floor_batches_are_the_trainers_batches(synthetic_data, tmp_path, monkey
                                                  "device.epochs": 2, "peu.mode": "topk", "peu.k": 60})
     cohort, batches = bench.cohort_batches(sim, 3)
     seen: list = []
-    real = sim.trainer._batch_loss
+    real = sim.fanout.trainer._batch_loss
 
     def record(inputs, targets, mask, gen):
         seen.append((inputs.clone(), targets.clone(), mask.clone()))
         return real(inputs, targets, mask, gen)
 
-    monkeypatch.setattr(sim.trainer, "_batch_loss", record)
+    monkeypatch.setattr(sim.fanout.trainer, "_batch_loss", record)
     sim.run_round(3)
     assert len(cohort) == 6 and len(seen) == len(batches) > 6
     for (a, b, c), (x, y, z) in zip(seen, batches):

@@ -58,7 +58,7 @@ def test_lora_peu_release_contains_only_adapters_and_selected_rows(synthetic_dat
         "server.rounds": 1, "privacy.noise_multiplier": 0.5})))
     e, h = 16, 32
     expected = expected_lora_parameter_count(sim.cfg.model) + k * e + k * h + k  # adapters + emb/out/bias rows
-    assert sim.server.release_dim() == expected == sim.trainer.layout.dim
+    assert sim.server.release_dim() == expected == sim.fanout.trainer.layout.dim
     before = {n: t.clone() for n, t in sim.server.model.state_dict().items()}
     sim.run_round(0)
     after = sim.server.model.state_dict()

@@ -12,7 +12,8 @@ from opacus.accountants import RDPAccountant
 from pflm.aggregator.plain import PlainSumAggregator
 from pflm.config import load_recipe
 from pflm.secure_random import subkey
-from pflm.simulation.simulator import Simulator, run_device
+from pflm.device.update import device_update
+from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
@@ -25,11 +26,11 @@ def make_sim(data, tmp_path, **extra) -> Simulator:
 def test_clipped_updates_never_exceed_bound(synthetic_data, tmp_path):
     sim = make_sim(synthetic_data, tmp_path, **{"privacy.clip_bound": 0.05, "device.lr": 2.0})
     plan = sim.server.plan_round(0)
-    sim.trainer.load_round(0, plan.device_state, plan.rows)
+    sim.fanout.trainer.load_round(0, plan.device_state, plan.rows)
     clipped = 0
     for user in plan.cohort:
         key = subkey(sim.run_key, "device", 0, user)  # the key the simulator gives this device
-        res, vec, aux = run_device(sim.trainer, sim.server, plan, user, sim.fd.user_tokens("train", user), key)
+        res, vec, aux = device_update(sim.fanout.trainer, sim.server.postprocessors, plan.ctx, user, sim.fd.user_tokens("train", user), key)
         assert float(vec.norm()) <= 0.05 * (1 + 1e-6)
         assert float(res.update.norm()) > 0
         clipped += aux["clipped"]
@@ -98,7 +99,7 @@ def test_peu_rows_outside_selection_bit_identical(synthetic_data, tmp_path):
 
 def test_nonfinite_update_is_dropped_and_counted(synthetic_data, tmp_path, monkeypatch):
     sim = make_sim(synthetic_data, tmp_path)
-    real_train = sim.trainer.train
+    real_train = sim.fanout.trainer.train
     bad_user = {}
 
     def poisoned(user_id, sentences, device_key):
@@ -108,7 +109,7 @@ def test_nonfinite_update_is_dropped_and_counted(synthetic_data, tmp_path, monke
             res.update[0] = float("nan")
         return res
 
-    monkeypatch.setattr(sim.trainer, "train", poisoned)
+    monkeypatch.setattr(sim.fanout.trainer, "train", poisoned)
     m = sim.run_round(0)
     assert m["nonfinite_dropped"] == 1
     assert m["contributors"] == m["cohort"] - 1

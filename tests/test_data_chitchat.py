@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import chitchat, synthetic
+from pflm.data.corpora import chitchat, synthetic
 from pflm.cli import main
 from pflm.data.partition import PartitionConfig
 from pflm.data.prepare import PrepareConfig, prepare

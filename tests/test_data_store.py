@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_prep import synthetic
+from pflm.data.corpora import synthetic
 from pflm.data.normalize import NormalizerConfig
 from pflm.data.partition import PartitionConfig, partition
 from pflm.data.prepare import PrepareConfig, prepare

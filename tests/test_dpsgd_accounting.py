@@ -31,11 +31,11 @@ def test_device_metric_equals_opacus_accountant(synthetic_data, tmp_path, accoun
             "dpsgd.delta": 1e-4, "device.epochs": 2, "device.batch_size": 4}
     sim = Simulator(load_recipe("recipes/tiny_synthetic.yaml", tiny_overrides(synthetic_data, str(tmp_path), **over)))
     plan = sim.server.plan_round(0)
-    sim.trainer.load_round(0, plan.device_state, plan.rows)
+    sim.fanout.trainer.load_round(0, plan.device_state, plan.rows)
     seen = set()
     for user in plan.cohort[:3]:
         sents = sim.fd.user_tokens("train", user)
-        res = sim.trainer.train(user, sents, new_key())
+        res = sim.fanout.trainer.train(user, sents, new_key())
         n = res.num_sentences
         q = min(1.0, 4 / n)
         steps = max(1, round(2 / q))

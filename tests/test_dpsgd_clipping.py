@@ -25,7 +25,7 @@ def make_sim(data: str, tmp_path, **extra) -> Simulator:
 
 def _batch(sim: Simulator, n: int = 6):
     plan = sim.server.plan_round(0)
-    tr = sim.trainer
+    tr = sim.fanout.trainer
     tr.load_round(0, plan.device_state, plan.rows)
     tr.model.train()
     user = max(plan.cohort, key=lambda u: len(sim.fd.user_tokens("train", u)))
@@ -36,7 +36,7 @@ def _batch(sim: Simulator, n: int = 6):
 def _reference(sim: Simulator, inputs, targets, mask):
     """Per-sentence losses of the whole batch and per-sentence gradients (one sentence at a time), computed with
     the trainer's own `_loss` (functional output layer, plain autograd) and the same noise words (same seed)."""
-    tr, dp = sim.trainer, sim.trainer.dpsgd
+    tr, dp = sim.fanout.trainer, sim.fanout.trainer.dpsgd
     hooked = hasattr(dp.gsm, "disable_hooks")  # ew mode has no hooks: per-sample grads only inside gsm(...)
     if hooked:
         dp.gsm.disable_hooks()
@@ -64,7 +64,7 @@ def test_per_sample_grads_exact_and_clipped(synthetic_data, tmp_path, mode, loss
     sim = make_sim(synthetic_data, tmp_path, **{"dpsgd.grad_sample_mode": mode, "device.loss": loss,
                                                 "model.tie_embeddings": str(tied).lower(), "model.arch": arch,
                                                 "model.num_layers": 1})
-    tr, dp = sim.trainer, sim.trainer.dpsgd
+    tr, dp = sim.fanout.trainer, sim.fanout.trainer.dpsgd
     inputs, targets, mask = _batch(sim)
     ref_losses, ref_grads = _reference(sim, inputs, targets, mask)
     b = inputs.shape[0]
@@ -105,7 +105,7 @@ def test_empty_poisson_batch_is_a_noise_only_step(synthetic_data, tmp_path):
     sim = make_sim(synthetic_data, tmp_path, **{"dpsgd.noise_multiplier": 2.0, "dpsgd.max_grad_norm": 0.5,
                                                 "device.lr": 1.0})
     _batch(sim)
-    tr, dp = sim.trainer, sim.trainer.dpsgd
+    tr, dp = sim.fanout.trainer, sim.fanout.trainer.dpsgd
     before = [p.detach().clone() for p in tr.trainable]
     dp._reset(0.25, 40, new_key())  # expected batch size 10
     dp._empty_step()
@@ -119,9 +119,9 @@ def test_empty_poisson_batch_is_a_noise_only_step(synthetic_data, tmp_path):
 def test_training_reports_empty_batches(synthetic_data, tmp_path):
     sim = make_sim(synthetic_data, tmp_path, **{"dpsgd.sample_rate": 0.02, "dpsgd.noise_multiplier": 1.0})
     plan = sim.server.plan_round(0)
-    sim.trainer.load_round(0, plan.device_state, plan.rows)
+    sim.fanout.trainer.load_round(0, plan.device_state, plan.rows)
     user = min(plan.cohort, key=lambda u: len(sim.fd.user_tokens("train", u)))
-    res = sim.trainer.train(user, sim.fd.user_tokens("train", user), new_key())
+    res = sim.fanout.trainer.train(user, sim.fd.user_tokens("train", user), new_key())
     assert res.metrics["device_dp_steps"] == 50 and res.metrics["local_steps"] == 50
     assert 0 < res.metrics["device_dp_empty_batches"] < 50
     assert torch.isfinite(res.update).all() and float(res.update.norm()) > 0

@@ -26,7 +26,7 @@ def make_sim(data: str, tmp_path, **extra) -> Simulator:
 def test_peu_rows_outside_selection_bit_identical(synthetic_data, tmp_path, mode):
     sim = make_sim(synthetic_data, tmp_path, **{"peu.mode": "topk", "peu.k": 60, "dpsgd.grad_sample_mode": mode,
                                                 "privacy.noise_multiplier": 0.5, "server.sampling": "poisson"})
-    assert sim.trainer.model.embedding.weight.shape[0] == 60  # the device (and Opacus) only sees K rows
+    assert sim.fanout.trainer.model.embedding.weight.shape[0] == 60  # the device (and Opacus) only sees K rows
     before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
     plan = sim.server.plan_round(0)
     m = sim.run_round(0)
@@ -46,7 +46,7 @@ def test_lora_dpsgd_changes_only_adapters_and_selected_rows(synthetic_data, tmp_
     sim = make_sim(synthetic_data, tmp_path, **{"model.lora.rank": 4, "peu.mode": "topk", "peu.k": 60,
                                                 "device.train_embeddings": str(train_embeddings).lower(),
                                                 "dpsgd.grad_sample_mode": "hooks"})
-    tr = sim.trainer
+    tr = sim.fanout.trainer
     assert has_lora(tr.model)
     plan = sim.server.plan_round(0)
     tr.load_round(0, plan.device_state, plan.rows)
@@ -77,16 +77,16 @@ def test_model_wrapped_once_across_devices_and_rounds(synthetic_data, tmp_path, 
 
     monkeypatch.setattr(dpsgd_mod, "prepare_module", counting)
     sim = make_sim(synthetic_data, tmp_path, **{"server.rounds": 2, "dpsgd.grad_sample_mode": "hooks"})
-    dp = sim.trainer.dpsgd
+    dp = sim.fanout.trainer.dpsgd
     hooks = dp.hook_count
     assert hooks > 0 and len(calls) == 1
     counts = []
     for r in range(2):
         plan = sim.server.plan_round(r)
-        sim.trainer.load_round(r, plan.device_state, plan.rows)
+        sim.fanout.trainer.load_round(r, plan.device_state, plan.rows)
         for user in plan.cohort:
-            res = sim.trainer.train(user, sim.fd.user_tokens("train", user), new_key())
+            res = sim.fanout.trainer.train(user, sim.fd.user_tokens("train", user), new_key())
             counts.append(dp.hook_count)
             assert res.metrics["device_dp_setup_seconds"] < 0.5
-            assert getattr(sim.trainer.model, "autograd_grad_sample_hooks", None) is None  # no second wrapper
-    assert counts == [hooks] * 10 and len(calls) == 1 and sim.trainer.dpsgd is dp
+            assert getattr(sim.fanout.trainer.model, "autograd_grad_sample_hooks", None) is None  # no second wrapper
+    assert counts == [hooks] * 10 and len(calls) == 1 and sim.fanout.trainer.dpsgd is dp

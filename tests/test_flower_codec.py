@@ -11,7 +11,8 @@ from pflm.errors import PflmError
 from pflm.flower import codec, partition
 from pflm.flower.device import node_state, train_users
 from pflm.secure_random import subkey
-from pflm.simulation.simulator import Simulator, run_device
+from pflm.device.update import device_update
+from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
@@ -50,11 +51,11 @@ def test_plan_and_reply_round_trip_exactly(synthetic_data, tmp_path):
     st = node_state(task.recipe_json, task.population)
     assert node_state(task.recipe_json, task.population) is st  # one trainer per process and recipe
     reply = codec.decode_reply(codec.encode_reply(train_users(st, task, None)))
-    sim.trainer.load_round(1, plan.device_state, plan.rows)
+    sim.fanout.trainer.load_round(1, plan.device_state, plan.rows)
     assert [d.user for d in reply.devices] == users and reply.nonfinite == []
     for d in reply.devices:
         key = subkey(sim.run_key, "device", 1, d.user)  # reproducible mode: the node derives the same key
-        res, vec, aux = run_device(sim.trainer, sim.server, plan, d.user, sim.fd.user_tokens("train", d.user), key)
+        res, vec, aux = device_update(sim.fanout.trainer, sim.server.postprocessors, plan.ctx, d.user, sim.fd.user_tokens("train", d.user), key)
         assert torch.equal(d.update, vec)
         assert d.weight == res.weight and d.num_tokens == res.num_tokens and d.aux == aux
         assert d.update.numel() == plan.ctx.dim

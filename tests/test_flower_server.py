@@ -1,4 +1,4 @@
-"""FlowerSimulator's round logic without Ray or sockets: a loop-back Grid calls the real ClientApp in-process.
+"""The Flower fan-out (FlowerNodes) without Ray or sockets: a loop-back Grid calls the real ClientApp in-process.
 
 Covers what the Ray/loopback tests cannot provoke cheaply: node failures drop exactly that node's users,
 stray answers are ignored, a round with no survivor leaves the model untouched, and bad partition setups fail
@@ -19,7 +19,7 @@ from pflm.config import load_recipe
 from pflm.errors import PflmError
 from pflm.flower import codec
 from pflm.flower.client_app import app as client_app
-from pflm.flower.server_app import FlowerSimulator
+from pflm.flower.server_app import flower_driver
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 
@@ -34,7 +34,7 @@ def _task_identity(monkeypatch):
 
 
 class LoopGrid:
-    """The part of `flwr.serverapp.Grid` FlowerSimulator uses; replies are computed at push time."""
+    """The part of `flwr.serverapp.Grid` FlowerNodes uses; replies are computed at push time."""
 
     def __init__(self, partitions: list[int], num_partitions: int, fail: set[int] = frozenset(), tamper=None) -> None:
         self.nodes = {
@@ -86,7 +86,7 @@ def _metrics(cfg) -> list[dict]:
 def test_loop_grid_matches_inprocess(synthetic_data, tmp_path):
     extra = {"device.loss": "sampled_softmax", "device.num_samples": 32}  # noise words: per-(round, user) RNG
     cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
-    FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
+    flower_driver(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
     extra.update({"server.rounds": 2, "server.cohort_size": 8, "server.sampling": "fixed"})
     ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **extra))
     Simulator(ref).run(progress=False)
@@ -97,7 +97,7 @@ def test_loop_grid_matches_inprocess(synthetic_data, tmp_path):
 
 def test_failed_node_drops_only_its_users(synthetic_data, tmp_path):
     cfg = _cfg(synthetic_data, tmp_path)
-    sim = FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3, fail={1}))
+    sim = flower_driver(cfg, LoopGrid([0, 1, 2], 3, fail={1}))
     sim.run(progress=False)
     for m in _metrics(cfg):
         cohort = sim.server.plan_round(m["round"]).cohort
@@ -108,7 +108,7 @@ def test_failed_node_drops_only_its_users(synthetic_data, tmp_path):
 
 def test_all_nodes_failing_leaves_model_untouched(synthetic_data, tmp_path):
     cfg = _cfg(synthetic_data, tmp_path, **{"server.rounds": 1})
-    sim = FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3, fail={0, 1, 2}))
+    sim = flower_driver(cfg, LoopGrid([0, 1, 2], 3, fail={0, 1, 2}))
     before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
     m = sim.run_round(0)
     assert "failed" in m and m["node_dropped"] == 8
@@ -124,7 +124,7 @@ def test_stray_answers_are_ignored(synthetic_data, tmp_path):
         return Message(codec.encode_reply(reply), reply_to=sent)
 
     cfg = _cfg(synthetic_data, tmp_path, **{"server.rounds": 1})
-    sim = FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3, tamper=tamper))
+    sim = flower_driver(cfg, LoopGrid([0, 1, 2], 3, tamper=tamper))
     m = sim.run_round(0)
     assert m["contributors"] == 8 and m["update_norm"] < 10
 
@@ -132,18 +132,18 @@ def test_stray_answers_are_ignored(synthetic_data, tmp_path):
 def test_partition_setup_errors(synthetic_data, tmp_path):
     cfg = _cfg(synthetic_data, tmp_path)
     with pytest.raises(PflmError, match="claim partition-id=0"):
-        FlowerSimulator(cfg, LoopGrid([0, 0, 1], 3)).discover()
+        flower_driver(cfg, LoopGrid([0, 0, 1], 3)).fanout.discover()
     two = _cfg(synthetic_data, tmp_path, **{"flower.num_supernodes": 2})
     with pytest.raises(PflmError, match=r"partition\(s\) \[2\]"):
-        FlowerSimulator(two, LoopGrid([0, 1], 3)).discover()
+        flower_driver(two, LoopGrid([0, 1], 3)).fanout.discover()
     with pytest.raises(PflmError, match="only 2 of flower.num_supernodes=3"):
-        FlowerSimulator(cfg, LoopGrid([0, 1], 2), node_wait=0.3).discover()
+        flower_driver(cfg, LoopGrid([0, 1], 2), node_wait=0.3).fanout.discover()
 
 
 def test_secure_aggregation_through_flower_matches_inprocess(synthetic_data, tmp_path):
     extra = {"server.rounds": 1, "server.cohort_size": 6, "aggregation.kind": "secure", "server.sampling": "fixed"}
     cfg = _cfg(synthetic_data, tmp_path / "fl", **extra)
-    FlowerSimulator(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
+    flower_driver(cfg, LoopGrid([0, 1, 2], 3)).run(progress=False)
     extra.pop("flower.num_supernodes", None)
     ref = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "ip"), **extra))
     Simulator(ref).run(progress=False)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-import data_prep.nbest as nbest_mod
-from data_prep.nbest import GenerationConfig, default_normalize, generate_nbest, generate_nbest_with_stats
+import pflm.evaluation.asr_nbest as nbest_mod
+from pflm.evaluation.asr_nbest import GenerationConfig, default_normalize, generate_nbest, generate_nbest_with_stats
 from pflm.cli import main
 from pflm.errors import ConfigError
 from pflm.evaluation.nbest import read_nbest
@@ -87,7 +87,7 @@ def test_custom_normalizer_applies_to_refs_and_hyps(tmp_path):
 
 
 def test_default_normalizer_is_the_data_pipelines():
-    from data_prep.nbest import resolve_normalize
+    from pflm.evaluation.asr_nbest import resolve_normalize
     from pflm.data.normalize import Normalizer
 
     norm = resolve_normalize(None)

@@ -20,7 +20,7 @@ from pflm.privacy.accountant import compute_epsilon
 from pflm.secure_random import SecureRandom, derive_key, subkey
 from pflm.server.run_key import KEY_FILE
 from pflm.server.sampling import sample_cohort
-from pflm.simulation.metrics import DIAGNOSTICS_FILE, RELEASED
+from pflm.driver.metrics import DIAGNOSTICS_FILE, RELEASED
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from pflm.aggregator.base import AggregateResult, RoundContext
+from pflm.round import AggregateResult, RoundContext
 from pflm.errors import ConfigError
 from pflm.privacy.noise import GaussianNoisePostprocessor, SecureGaussian, derive_key
 

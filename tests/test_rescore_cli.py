@@ -118,7 +118,7 @@ def test_nbest_cli_reads_the_federated_store(tmp_path, monkeypatch, capsys):
     store = types.ModuleType("pflm.data.store")
     store.FederatedData = FakeStore
     monkeypatch.setitem(sys.modules, "pflm.data.store", store)
-    import data_prep.nbest as gen
+    import pflm.evaluation.asr_nbest as gen
 
     def fake_generate(sentences, out_path, **kw):
         calls["sentences"] = sentences

@@ -10,44 +10,10 @@ replaces the plain sum without any change to device or server code.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-
-@dataclass
-class RoundContext:
-    """What every participant of one round may know (all of it public to the cohort)."""
-
-    round: int  # 0-based round index
-    dim: int  # length of the release vector
-    cohort: list[int]  # device (user) ids sampled this round
-    clip_bound: float  # L2 bound C on each device's update
-    seed: int  # run seed (for simulation determinism; never a secret)
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class AggregateResult:
-    """What the server learns at the end of a round."""
-
-    total: torch.Tensor  # sum of the (clipped, weighted) update vectors, float32 [dim]
-    weight_sum: float  # sum of device weights
-    num_contributors: int  # devices whose update is in `total`
-    aux: dict[str, float] = field(default_factory=dict)  # sums of per-device scalars (e.g. clipped indicators)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Upload:
-    """What one device sends the aggregator: its payload (plain: the update; secure: a masked vector), or
-    `excluded` naming why it sends nothing usable (the server then counts it as excluded)."""
-
-    device_id: int
-    payload: Any = None
-    excluded: str | None = None
-    diagnostic: Any = None  # simulation-only side data (never part of what a real device sends)
+from pflm.round import AggregateResult, RoundContext, Upload  # noqa: F401 - the interface's types
 
 
 class Aggregator(ABC):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext, Upload
+from pflm.aggregator.base import Aggregator
+from pflm.round import AggregateResult, RoundContext, Upload
 from pflm.errors import AggregationFailed
 
 

@@ -99,12 +99,12 @@ def _raw_rows(cfg: PrepareConfig) -> tuple[list[Any] | None, list[Any], dict[str
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if cfg.corpus == "chitchat":
-        from data_prep import chitchat
+        from pflm.data.corpora import chitchat
 
         ds = select_columns(datasets.Dataset.from_dict(chitchat.load(cfg.max_users)), "chitchat", "text", "user")
         source: dict[str, Any] = {"corpus": "chitchat", "package": "chitchat-dataset", "max_users": cfg.max_users}
     elif cfg.corpus == "synthetic":
-        from data_prep import synthetic
+        from pflm.data.corpora import synthetic
 
         ds = datasets.Dataset.from_dict(synthetic.generate(cfg.synthetic_users, cfg.synthetic_sentences,
                                                            cfg.partition.seed))
@@ -268,7 +268,7 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     defaults: dict[str, Any] = {"model_type": "word", "vocab_size": 10_000, "min_sentences": 1}
     if args.corpus == "chitchat":
-        from data_prep import chitchat
+        from pflm.data.corpora import chitchat
 
         defaults.update(chitchat.DEFAULTS)
     elif args.corpus == "synthetic":

@@ -35,11 +35,10 @@ import numpy as np
 import sentencepiece as spm
 
 from pflm.errors import ConfigError, DataError
+from pflm.tokens import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 
 MODEL_TYPES = ("word", "unigram", "bpe")
-PUBLIC_WORDFREQ = "wordfreq"  # --tokenizer-input wordfreq: public English word list (data_prep/wordfreq_vocab.py)
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NUM_SPECIAL = 4
+PUBLIC_WORDFREQ = "wordfreq"  # --tokenizer-input wordfreq: public English word list (pflm/data/public_vocab.py)
 MAX_PIECE_CHARS = 512  # SentencePiece's own upper bound for max_sentencepiece_length
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
@@ -255,7 +254,7 @@ def _train_from_public_counts(
     cfg: TokenizerConfig, out_dir: Path, seed: int, normalize: Callable[[str], str] | None
 ) -> Tokenizer:
     """Word vocabulary = the most frequent words of a public word list (no user text involved)."""
-    from data_prep.wordfreq_vocab import public_word_counts
+    from pflm.data.public_vocab import public_word_counts
 
     if cfg.model_type != "word":
         raise ConfigError("--tokenizer-input wordfreq builds a word vocabulary; use --model-type word")
@@ -299,7 +298,7 @@ def prior_from_word_counts(tokenizer: Tokenizer, counts: Mapping[str, float]) ->
 
 def public_prior_counts(tokenizer: Tokenizer, normalize: Callable[[str], str] | None = None) -> np.ndarray:
     """Per-id public frequency prior (numpy float64 [V]) from the public word list, for PEU/NCE."""
-    from data_prep.wordfreq_vocab import public_word_counts
+    from pflm.data.public_vocab import public_word_counts
 
     return prior_from_word_counts(tokenizer, dict(public_word_counts(tokenizer.vocab_size + 16, normalize)))
 

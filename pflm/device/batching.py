@@ -18,8 +18,7 @@ import torch
 
 from pflm.errors import ConfigError
 from pflm.secure_random import KEY_BYTES, subkey
-
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+from pflm.tokens import BOS_ID, EOS_ID, UNK_ID
 
 
 def pack_sentences(sentences: list[list[int]], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,11 +28,11 @@ def pack_sentences(sentences: list[list[int]], max_tokens: int) -> tuple[torch.T
     lengths = torch.from_numpy(lens + 2)
     width = int(lens.max()) + 2 if n else 2
     out = np.zeros((n, width), dtype=np.int64)
-    out[:, 0] = BOS
+    out[:, 0] = BOS_ID
     for i, s in enumerate(sentences):
         k = int(lens[i])
         out[i, 1 : k + 1] = s[:k]
-    out[np.arange(n), lens + 1] = EOS
+    out[np.arange(n), lens + 1] = EOS_ID
     return torch.from_numpy(out), lengths
 
 
@@ -99,7 +98,7 @@ class LocalVocab:
             self.g2l = None
             self.selected = None
         else:
-            self.g2l = torch.full((vocab_size,), UNK, dtype=torch.long)
+            self.g2l = torch.full((vocab_size,), UNK_ID, dtype=torch.long)
             self.g2l[rows] = torch.arange(rows.numel())
             self.selected = torch.zeros(vocab_size, dtype=torch.bool)
             self.selected[rows] = True

@@ -32,7 +32,7 @@ which Opacus' module hooks cannot see: those parameters would get no per-sample 
 ghost mode would clip with a stale or missing norm). Here every use of the output weight/bias goes through
 `DPOutputHead`, a module holding the same Parameters with its own Opacus grad sampler (dense [B, V, H], small
 under PEU where V = K rows) and ghost norm sampler (exact, over the union of candidate rows only). The loss math
-mirrors `pflm.model.losses` (same noise draws for the same generator state).
+is `pflm.model.losses.token_losses`, the trainer's own (same noise draws for the same generator state).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pflm.device.batching import check_device_key
+from pflm.epsilon import epsilon_from_history
 from pflm.errors import ConfigError
+from pflm.model.losses import masked_sequence_mean, token_losses
 from pflm.secure_random import SecureRandom, subkey
 
 if TYPE_CHECKING:
@@ -205,44 +207,32 @@ class _DPNet(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
+        """Per-sentence losses [B]: the scores come from Opacus-visible modules (dense [B, T] layout), the loss
+        math from `pflm.model.losses.token_losses` (the trainer's own losses, same noise words)."""
         trainer: DeviceTrainer = self._trainer  # type: ignore[assignment]
         h = self.lm.features(inputs)
-        kind = trainer.cfg.device.loss
+        kind = trainer.loss_cfg.kind
         if kind == "full":
             out = self.lm.output if self.lm.output is not None else self.head
-            logits = out(h)
-            tok = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            tok = token_losses(kind, targets, out(h))
         else:
             sampler = trainer.sampler
             assert sampler is not None, "load_round() builds the noise sampler"
             k = noise.numel()
             cand = torch.cat([noise.unsqueeze(0).expand(inputs.shape[0], -1), targets], dim=1)
             s = self.head(h, cand)  # [B, T, k + T]
-            s_n = s[..., :k] - (sampler.log_q(noise) + math.log(k))
             s_t = torch.diagonal(s[..., k:], dim1=1, dim2=2)  # score of each position's own target
-            if kind == "sampled_softmax":  # == pflm.model.losses.sampled_softmax_loss
-                s_n = s_n.masked_fill(noise.view(1, 1, -1) == targets.unsqueeze(-1), float("-inf"))
-                tok = torch.logsumexp(torch.cat([s_t.unsqueeze(-1), s_n], dim=-1), dim=-1) - s_t
-            else:  # == pflm.model.losses.nce_loss with log_z = 0
-                d_t = s_t - (sampler.log_q(targets) + math.log(k))
-                tok = F.softplus(-d_t) + F.softplus(s_n).sum(-1)
-        tok = torch.where(mask, tok, torch.zeros_like(tok))
-        return tok.sum(1) / mask.sum(1).clamp(min=1).to(tok.dtype)
+            tok = token_losses(kind, targets, (s_t, s[..., :k]), noise, sampler, log_z=trainer.loss_cfg.nce_log_z)
+        return masked_sequence_mean(tok, mask)
 
 
 @functools.lru_cache(maxsize=4096)
 def sample_level_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float,
                          accountant: str = "rdp") -> float:
-    """ε of `steps` Poisson-subsampled Gaussian steps (rate q, multiplier σ) at δ, from Opacus' accountant."""
-    if steps <= 0:
-        return 0.0
-    if noise_multiplier <= 0:
+    """ε of `steps` Poisson-subsampled Gaussian steps (rate q, multiplier σ) at δ (`pflm.epsilon`)."""
+    if noise_multiplier <= 0 < steps:
         return math.inf
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    return epsilon_from_history([(float(noise_multiplier), float(sample_rate), int(steps))], delta, accountant)
 
 
 def poisson_plan(num_sentences: int, batch_size: int, epochs: int, sample_rate: float) -> tuple[float, int]:
@@ -320,10 +310,10 @@ class DeviceDPSGD:
 
     def _noise_words(self, gen: torch.Generator) -> torch.Tensor:
         tr = self.trainer
-        if tr.cfg.device.loss == "full":
+        if tr.loss_cfg.kind == "full":
             return torch.zeros(0, dtype=torch.long)
         assert tr.sampler is not None
-        return tr.sampler.sample(tr.cfg.device.num_samples, generator=gen)
+        return tr.sampler.sample(tr.loss_cfg.num_samples, generator=gen)
 
     def _empty_step(self) -> None:
         """A Poisson batch with no sentence: the clipped sum is zero, the step adds noise only."""

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from pflm.config import RecipeConfig
 from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.device.layout import Layout, trainable_names
 from pflm.model.factory import build_model
-from pflm.model.losses import UnigramSampler, full_softmax_loss, nce_loss, sampled_softmax_loss
+from pflm.model.losses import LossConfig, UnigramSampler, compute_loss, mean_token_loss
+from pflm.tokens import BOS_ID, PAD_ID, UNK_ID
 
 
 @dataclass
@@ -80,6 +80,7 @@ class DeviceTrainer:
         self.trainable = [params[n] for n in names]
         self.unigram_counts = None if unigram_counts is None else np.asarray(unigram_counts, dtype=np.float64)
         d = cfg.device
+        self.loss_cfg = LossConfig(kind=d.loss, num_samples=d.num_samples, unigram_alpha=d.unigram_alpha)
         if d.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.trainable, lr=d.lr, momentum=d.momentum)
         else:
@@ -121,31 +122,16 @@ class DeviceTrainer:
             counts = self.unigram_counts if self.unigram_counts is not None else np.ones(self.global_vocab_size)
             local = counts if rows is None else counts[rows.numpy()]
             local = local.copy()
-            local[:3] = 0.0  # never sample pad/unk/<s> as noise words
+            local[[PAD_ID, UNK_ID, BOS_ID]] = 0.0  # never sample pad/unk/<s> as noise words
             self.sampler = UnigramSampler(local + (local.sum() == 0), alpha=self.cfg.device.unigram_alpha)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Per-sentence mean losses [B]."""
-        m = self.model
-        feats = m.features(inputs)
-        kind = self.cfg.device.loss
-        if kind == "full":
-            return full_softmax_loss(feats, m.output_weight(), m.output_bias(), targets, mask)
-        fn = sampled_softmax_loss if kind == "sampled_softmax" else nce_loss
-        return fn(feats, m.output_weight(), m.output_bias(), targets, mask, self.sampler, self.cfg.device.num_samples, generator=gen)
+        """Per-sentence mean losses [B] (`pflm.model.losses.compute_loss`)."""
+        return compute_loss(self.model, inputs, targets, mask, self.loss_cfg, self.sampler, gen)
 
     def _batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Mean loss over the batch's valid target tokens (= token-weighted mean of `_loss`'s per-sentence means).
-
-        The full softmax takes a direct path: logits only at the valid positions, one cross entropy, no
-        per-sentence bookkeeping."""
-        if self.cfg.device.loss == "full":
-            m = self.model
-            feats = m.features(inputs)
-            return F.cross_entropy(F.linear(feats[mask], m.output_weight(), m.output_bias()), targets[mask])
-        per_seq = self._loss(inputs, targets, mask, gen)
-        ntok = mask.sum(1)
-        return (per_seq * ntok).sum() / ntok.sum()
+        """Mean loss over the batch's valid target tokens (`pflm.model.losses.mean_token_loss`)."""
+        return mean_token_loss(self.model, inputs, targets, mask, self.loss_cfg, self.sampler, gen)
 
     def train(self, user_id: int, sentences: list[list[int]], device_key: bytes) -> DeviceResult:
         """Local training on one user's sentences (token ids, no <s>/</s>); returns the delta.

@@ -13,9 +13,9 @@ import torch
 
 from pflm.data.normalize import Normalizer, NormalizerConfig
 from pflm.data.tokenizer import Tokenizer
-from pflm.device.batching import UNK, pack_sentences
+from pflm.device.batching import UNK_ID as UNK, pack_sentences
 from pflm.evaluation.perplexity import sequence_nll
-from pflm.simulation.artifacts import load_run_model
+from pflm.evaluation.run_model import load_run_model
 
 MAX_TOKENS = 200
 

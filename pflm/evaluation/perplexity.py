@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pflm.data.store import FederatedData
 from pflm.device.batching import pack_sentences
 from pflm.model.prior import prior_log_probs
 
@@ -99,3 +100,16 @@ def unigram_baseline(prior_counts: np.ndarray, es: EvalSet) -> dict[str, float]:
         "perplexity": math.exp(total / max(es.num_tokens, 1)),
         "word_perplexity": math.exp(total / max(es.num_words, 1)),
     }
+
+
+EVAL_MAX_TOKENS = 120
+
+
+def load_eval_set(fd: FederatedData, split: str, max_users: int, max_tokens: int = EVAL_MAX_TOKENS) -> EvalSet:
+    n = fd.num_users(split)
+    users = range(n if max_users == 0 else min(n, max_users))
+    sents, texts = [], []
+    for u in users:
+        sents.extend(fd.user_tokens(split, u))
+        texts.extend(fd.user_texts(split, u))
+    return build_eval_set(sents, texts, max_tokens)

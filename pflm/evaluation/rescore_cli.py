@@ -148,7 +148,7 @@ def _sentences_from_file(path: Path) -> list[tuple[str, str]]:
 
 
 def run_nbest(args: argparse.Namespace) -> int:
-    from data_prep.nbest import DEFAULT_CACHE_DIR, generate_nbest_with_stats, resolve_normalize
+    from pflm.evaluation.asr_nbest import DEFAULT_CACHE_DIR, generate_nbest_with_stats, resolve_normalize
     from pflm.evaluation.nbest import read_nbest
     from pflm.evaluation.wer import errors_batch, wer_from_counts
 

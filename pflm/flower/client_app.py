@@ -4,7 +4,7 @@ Each SuperNode owns one data partition (`pflm.flower.partition`: `partition-id` 
 the node config, set automatically in simulation and with `--node-config` in a deployment). The ServerApp
 first asks every node for its partition (`query` message), then each round sends every node one `train`
 message with the round plan and the cohort users it owns; the node runs `pflm.flower.device.train_users`
-(DeviceTrainer + clipping via `run_device`) and replies with the clipped vectors.
+(DeviceTrainer + clipping via `pflm.device.update.device_update`) and replies with the clipped vectors.
 
 torch and the trainer are imported only when a train message arrives: a deployed SuperNode starts a fresh
 `flwr-clientapp` process per message, so the partition query stays cheap. In simulation the Ray actor keeps

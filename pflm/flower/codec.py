@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from pflm.aggregator.base import RoundContext
 from pflm.config import RecipeConfig, recipe_to_dict
 from pflm.config_base import from_dict
-from pflm.server.server import RoundPlan
+from pflm.round import RoundContext, RoundPlan
 
 STATE = "state"
 ROWS = "rows"

@@ -2,7 +2,7 @@
 
 One `DeviceTrainer` is built per process and recipe and reused for every message (`_NODE_CACHE`): Ray actors
 keep it for the whole simulated run. Per message the round's device model is loaded once, then each user
-goes through `pflm.simulation.simulator.run_device` (local training, then clipping) exactly as in the
+goes through `pflm.device.update.device_update` (local training, then clipping) exactly as in the
 in-process simulator.
 
 Device randomness: each (round, user) trains with a fresh secret `new_key()` drawn on the node (a real device's
@@ -24,19 +24,11 @@ from pflm.device.trainer import DeviceTrainer
 from pflm.errors import PflmError
 from pflm.flower import codec
 from pflm.flower.partition import owner
+from pflm.device.update import device_update
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.clipping import NonFiniteUpdate
 from pflm.privacy.setup import device_postprocessors
 from pflm.secure_random import derive_key, new_key, subkey
-from pflm.server.server import RoundPlan
-from pflm.simulation.simulator import run_device
-
-
-@dataclass
-class DevicePostprocessing:
-    """The device-side half of the recipe's privacy chain (`run_device` only reads `.postprocessors`)."""
-
-    postprocessors: list[Postprocessor]
 
 
 @dataclass
@@ -44,7 +36,7 @@ class NodeState:
     cfg: RecipeConfig
     fd: FederatedData
     trainer: DeviceTrainer
-    device_side: DevicePostprocessing
+    device_steps: list[Postprocessor]  # the device-side half of the recipe's privacy chain (clipping)
 
 
 _NODE_CACHE: dict[str, NodeState] = {}
@@ -61,7 +53,7 @@ def node_state(recipe_json: str, population: int, data_dir: str | None = None) -
             raise PflmError(f"prepared data dir {path!r} not found on this node; set --node-config 'data-dir=\"DIR\"'")
         fd = FederatedData.open(path)
         trainer = DeviceTrainer(cfg, fd.tokenizer.vocab_size, fd.prior_counts())  # as Simulator does
-        st = NodeState(cfg, fd, trainer, DevicePostprocessing(device_postprocessors(cfg, population)))
+        st = NodeState(cfg, fd, trainer, device_postprocessors(cfg, population))
         _NODE_CACHE.clear()  # one recipe per process at a time: free the previous run's model
         _NODE_CACHE[key] = st
     return st
@@ -81,14 +73,13 @@ def train_users(st: NodeState, task: codec.TrainTask, partition: tuple[int, int]
         foreign = [u for u in task.users if owner(u, n) != pid]
         if foreign:
             raise PflmError(f"users {foreign[:5]} do not belong to partition {pid} of {n}")
-    plan = RoundPlan(task.ctx.round, task.ctx.cohort, task.rows, task.device_state, task.ctx)
     st.trainer.load_round(task.ctx.round, task.device_state, task.rows)
     devices, nonfinite = [], []
     for user in task.users:
         t0 = time.perf_counter()
         try:
             key = device_key(st.cfg, task.ctx.round, user)
-            res, vec, aux = run_device(st.trainer, st.device_side, plan, user, st.fd.user_tokens("train", user), key)  # type: ignore[arg-type]
+            res, vec, aux = device_update(st.trainer, st.device_steps, task.ctx, user, st.fd.user_tokens("train", user), key)
         except NonFiniteUpdate:
             nonfinite.append(user)
             continue

@@ -5,8 +5,13 @@ All training losses return one loss per sequence [B]: the mean over that sequenc
 number of valid targets. Inputs: features [B,T,H] (from `model.features`), output weight [V,H] and bias [V]
 (`model.output_weight()`, `model.output_bias()`), targets [B,T] (long), mask [B,T] (bool, target valid).
 
-Opacus DP-SGD: use kind "full" through `compute_loss` (it calls the model, so Opacus' hooks see the output
-layer); sampled/NCE losses index the output matrix directly and are for non-DP-SGD device training.
+This module is the one place that turns scores into training losses: `token_losses` holds the math of every
+kind ("full", "sampled_softmax", "nce"), for any layout of positions (the flat valid positions used here, or the
+dense [B, T] grid of the device's Opacus-visible output head in pflm.device.dpsgd). `compute_loss` is the one
+dispatcher from a model and a `LossConfig` to per-sequence losses (used by the device trainer and the tests), and
+`mean_token_loss` the batch mean that the device optimises. With Opacus hooks on the model, kind "full" calls the
+model (so the hooks see the output layer) and the sampled kinds are refused: device DP-SGD computes them through
+its own output head (pflm.device.dpsgd) with the same `token_losses`.
 
 Sampled losses draw k noise words once per call, shared by the whole batch, from a unigram^alpha
 distribution q, and only gather the k + (#targets) rows of the output layer, so memory does not scale with V.
@@ -22,12 +27,13 @@ from torch.nn import functional as F
 
 from pflm.errors import ConfigError
 
-LOSS_KINDS = ("full", "sampled", "nce")
+LOSS_KINDS = ("full", "sampled_softmax", "nce")  # the names of `device.loss`
+_KIND_ALIASES = {"sampled": "sampled_softmax"}
 
 
 @dataclass
 class LossConfig:
-    """Device training loss. kind: "full" | "sampled" (sampled softmax) | "nce"; num_samples = k noise
+    """Device training loss. kind: "full" | "sampled_softmax" (alias "sampled") | "nce"; num_samples = k noise
     words per batch; unigram_alpha: noise q(w) proportional to count(w)^alpha; nce_log_z: the fixed
     self-normalisation constant log Z used by NCE (0 = self-normalised model)."""
 
@@ -37,6 +43,7 @@ class LossConfig:
     nce_log_z: float = 0.0
 
     def __post_init__(self) -> None:
+        self.kind = _KIND_ALIASES.get(self.kind, self.kind)
         if self.kind not in LOSS_KINDS:
             raise ConfigError(f"loss.kind must be one of {list(LOSS_KINDS)}, got {self.kind!r}")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples <= 0:
@@ -60,18 +67,55 @@ def _valid_positions(features: torch.Tensor, targets: torch.Tensor, mask: torch.
     return features[mask], targets[mask], seq, mask.sum(dim=1)
 
 
-def _per_sequence_mean(token_losses: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros(counts.shape[0], dtype=token_losses.dtype, device=token_losses.device)
-    total = total.index_add(0, seq, token_losses)
-    return total / counts.clamp(min=1).to(token_losses.dtype)
+def _per_sequence_mean(tok: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean [B] of the per-token losses [N] of the flat valid positions (sequence index `seq`)."""
+    total = torch.zeros(counts.shape[0], dtype=tok.dtype, device=tok.device)
+    total = total.index_add(0, seq, tok)
+    return total / counts.clamp(min=1).to(tok.dtype)
+
+
+def masked_sequence_mean(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean [B] of dense per-token losses [B, T] over the positions where mask is True."""
+    tok = torch.where(mask, tok, torch.zeros_like(tok))
+    return tok.sum(1) / mask.sum(1).clamp(min=1).to(tok.dtype)
+
+
+def token_losses(kind: str, targets: torch.Tensor, scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 noise: torch.Tensor | None = None, sampler: UnigramSampler | None = None,
+                 log_z: float | torch.Tensor = 0.0, remove_accidental_hits: bool = True) -> torch.Tensor:
+    """Per-token training loss with the shape of `targets` (any leading shape [...]): the math of every kind.
+
+    kind "full": scores = logits [..., V], loss = cross entropy. kind "sampled_softmax" / "nce": scores =
+    (s_t [...], s_n [..., k]), the scores of each position's target and of the k noise words `noise` [k] drawn
+    from `sampler` (shared by all positions); see `sampled_softmax_loss` and `nce_loss` for the estimators."""
+    if kind == "full":
+        assert isinstance(scores, torch.Tensor)
+        return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.reshape(-1),
+                               reduction="none").view_as(targets)
+    if kind not in LOSS_KINDS:
+        raise ConfigError(f"loss kind must be one of {list(LOSS_KINDS)}, got {kind!r}")
+    if sampler is None or noise is None:
+        raise ConfigError(f"loss.kind={kind!r} needs a UnigramSampler (noise distribution) and noise words")
+    s_t, s_n = scores
+    log_k = float(np.log(noise.numel()))
+    if kind == "sampled_softmax":
+        s_n = s_n - (sampler.log_q(noise) + log_k)
+        if remove_accidental_hits:
+            s_n = s_n.masked_fill(noise == targets.unsqueeze(-1), float("-inf"))
+        else:
+            s_t = s_t - (sampler.log_q(targets) + log_k)  # target also counted among noise: correct it like noise
+        logits = torch.cat([s_t.unsqueeze(-1), s_n], dim=-1)
+        return torch.logsumexp(logits, dim=-1) - s_t
+    d_t = s_t - log_z - (sampler.log_q(targets) + log_k)
+    d_n = s_n - log_z - (sampler.log_q(noise) + log_k)
+    return F.softplus(-d_t) + F.softplus(d_n).sum(dim=-1)
 
 
 def full_softmax_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Exact cross entropy, mean over each sequence's valid targets -> [B]."""
     h, t, seq, counts = _valid_positions(features, targets, mask)
-    logits = F.linear(h, weight, bias)
-    return _per_sequence_mean(F.cross_entropy(logits, t, reduction="none"), seq, counts)
+    return _per_sequence_mean(token_losses("full", t, F.linear(h, weight, bias)), seq, counts)
 
 
 class UnigramSampler:
@@ -136,16 +180,9 @@ def sampled_softmax_loss(features: torch.Tensor, weight: torch.Tensor, bias: tor
     """
     h, t, seq, counts = _valid_positions(features, targets, mask)
     noise = sampler.sample(num_samples, generator=generator).to(t.device)
-    log_k = float(np.log(num_samples))
-    s_t, s_n = _gather_scores(h, t, noise, weight, bias)
-    s_n = s_n - (sampler.log_q(noise) + log_k)
-    if not remove_accidental_hits:
-        s_t = s_t - (sampler.log_q(t) + log_k)  # target also counted among noise: correct it like noise
-    if remove_accidental_hits:
-        s_n = s_n.masked_fill(noise.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
-    logits = torch.cat([s_t.unsqueeze(1), s_n], dim=1)
-    token_losses = torch.logsumexp(logits, dim=1) - s_t
-    return _per_sequence_mean(token_losses, seq, counts)
+    scores = _gather_scores(h, t, noise, weight, bias)
+    tok = token_losses("sampled_softmax", t, scores, noise, sampler, remove_accidental_hits=remove_accidental_hits)
+    return _per_sequence_mean(tok, seq, counts)
 
 
 def nce_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -163,37 +200,58 @@ def nce_loss(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """
     h, t, seq, counts = _valid_positions(features, targets, mask)
     noise = sampler.sample(num_samples, generator=generator).to(t.device)
-    log_k = float(np.log(num_samples))
-    s_t, s_n = _gather_scores(h, t, noise, weight, bias)
-    d_t = s_t - log_z - (sampler.log_q(t) + log_k)
-    d_n = s_n - log_z - (sampler.log_q(noise) + log_k)
-    token_losses = F.softplus(-d_t) + F.softplus(d_n).sum(dim=1)
-    return _per_sequence_mean(token_losses, seq, counts)
+    scores = _gather_scores(h, t, noise, weight, bias)
+    return _per_sequence_mean(token_losses("nce", t, scores, noise, sampler, log_z=log_z), seq, counts)
+
+
+def _opacus_hooked(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "autograd_grad_sample_hooks", None))
 
 
 def compute_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                  cfg: LossConfig, sampler: UnigramSampler | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sequence training loss [B] of a LanguageModel on (inputs, targets, mask) for a LossConfig."""
+    """Per-sequence training loss [B] of a LanguageModel on (inputs, targets, mask) for a LossConfig.
+
+    THE loss dispatcher (the device trainer calls it too). Kind "full" on a model carrying Opacus hooks calls
+    the model (not features + output_weight) so the hooks see the output layer."""
     if cfg.kind == "full":
-        # model(inputs) (not features + output_weight) so Opacus hooks see the output layer.
-        logits = model(inputs)
-        h_mask = mask.bool()
-        seq = h_mask.nonzero(as_tuple=True)[0]
-        token_losses = F.cross_entropy(logits[h_mask], targets[h_mask], reduction="none")
-        return _per_sequence_mean(token_losses, seq, h_mask.sum(dim=1))
+        if _opacus_hooked(model):
+            logits = model(inputs)
+            h_mask = mask.bool()
+            seq = h_mask.nonzero(as_tuple=True)[0]
+            tok = token_losses("full", targets[h_mask], logits[h_mask])
+            return _per_sequence_mean(tok, seq, h_mask.sum(dim=1))
+        feats = model.features(inputs)  # type: ignore[operator]
+        return full_softmax_loss(feats, model.output_weight(), model.output_bias(),  # type: ignore[operator]
+                                 targets, mask)
     if sampler is None:
         raise ConfigError(f"loss.kind={cfg.kind!r} needs a UnigramSampler (noise distribution)")
-    if getattr(model, "autograd_grad_sample_hooks", None):
+    if _opacus_hooked(model):
         # Opacus hooks only see module calls; rows gathered from the output matrix would be missing from the
         # per-sample gradients (silently wrong for tied models), so refuse instead.
         raise ConfigError(f"loss.kind={cfg.kind!r} is not supported with Opacus DP-SGD (per-sample gradients);"
                           " use loss.kind=full for DP-SGD, or sampled/nce with central (user-level) DP only")
     feats = model.features(inputs)  # type: ignore[operator]
     weight, bias = model.output_weight(), model.output_bias()  # type: ignore[operator]
-    if cfg.kind == "sampled":
+    if cfg.kind == "sampled_softmax":
         return sampled_softmax_loss(feats, weight, bias, targets, mask, sampler, cfg.num_samples, generator)
     return nce_loss(feats, weight, bias, targets, mask, sampler, cfg.num_samples, generator, cfg.nce_log_z)
+
+
+def mean_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    cfg: LossConfig, sampler: UnigramSampler | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean loss over the batch's valid target tokens (= token-weighted mean of `compute_loss`'s per-sequence
+    means): what a device optimises. The full softmax takes a direct path: logits only at the valid positions,
+    one cross entropy, no per-sequence bookkeeping."""
+    if cfg.kind == "full" and not _opacus_hooked(model):
+        feats = model.features(inputs)  # type: ignore[operator]
+        return F.cross_entropy(F.linear(feats[mask], model.output_weight(), model.output_bias()),  # type: ignore[operator]
+                               targets[mask])
+    per_seq = compute_loss(model, inputs, targets, mask, cfg, sampler, generator)
+    ntok = mask.sum(1)
+    return (per_seq * ntok).sum() / ntok.sum()
 
 
 # ----- evaluation (exact full softmax) ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pflm.aggregator.base import AggregateResult, RoundContext
+from pflm.round import AggregateResult, RoundContext
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import combine_noise_multipliers
 from pflm.privacy.clipping import L2Clip
@@ -87,7 +87,7 @@ class AdaptiveClipping(L2Clip):
     """Clips on the device like `L2Clip` (use it *instead of* L2Clip) and adapts C between rounds.
 
     Chain: [AdaptiveClipping(cfg, gen), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, m̄, M)].
-    `update_context` sets ctx.clip_bound to the current C at each round start; `on_server` releases the
+    `clip_bound` is the C of the next round (the run's `PrivacySetup.clip_bound_for` reads it); `on_server` releases the
     noisy count and computes the next C. State (C) round-trips through state_dict for exact resume.
     """
 
@@ -115,9 +115,6 @@ class AdaptiveClipping(L2Clip):
     def effective_noise_multiplier(self) -> float:
         """σ the accountant sees per round: equals the configured total σ (0 when σ = 0)."""
         return combine_noise_multipliers(self.accounting_noise_multipliers)
-
-    def update_context(self, ctx: RoundContext) -> None:
-        ctx.clip_bound = self.clip_bound
 
     def on_device(self, update: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
         clipped, aux = super().on_device(update, ctx)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pflm.aggregator.base import AggregateResult, RoundContext
+from pflm.round import AggregateResult, RoundContext
 
 
 class Postprocessor(ABC):
@@ -23,9 +23,6 @@ class Postprocessor(ABC):
     def on_server(self, agg: AggregateResult, ctx: RoundContext) -> tuple[AggregateResult, dict[str, float]]:
         """Transform the aggregate; return it and metrics for the round."""
         return agg, {}
-
-    def update_context(self, ctx: RoundContext) -> None:
-        """Called at the start of each round (e.g. to set ctx.clip_bound from an adaptive state)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pflm.aggregator.base import RoundContext
+from pflm.round import RoundContext
 from pflm.errors import ConfigError, PflmError
 from pflm.privacy.base import Postprocessor
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 import torch
 
-from pflm.aggregator.base import AggregateResult, RoundContext
+from pflm.round import AggregateResult, RoundContext
 from pflm.errors import ConfigError
 from pflm.privacy.base import Postprocessor
 from pflm.secure_random import SecureRandom, derive_key  # noqa: F401 - derive_key re-exported

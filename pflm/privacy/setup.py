@@ -125,6 +125,11 @@ class PrivacySetup:
     def private(self) -> bool:
         return self.noise_multiplier > 0
 
+    def clip_bound_for(self, round_idx: int) -> float:
+        """The L2 bound C devices clip to in round `round_idx`: the only place a round's C is decided (the
+        adaptive state after the previous rounds, or the recipe's fixed bound)."""
+        return self.adaptive.clip_bound if self.adaptive is not None else float(self.cfg.privacy.clip_bound)
+
     def _round_sigmas(self) -> float | tuple[float, float]:
         if self.adaptive is not None:
             return self.adaptive.accounting_noise_multipliers
@@ -187,7 +192,7 @@ class PrivacySetup:
             "reproducible": p.reproducible,
             "vocabulary_source": self.data_privacy.get("vocabulary", "private"),
             "prior_source": self.data_privacy.get("prior", "private"),
-            "final_clip_bound": self.adaptive.clip_bound if self.adaptive else p.clip_bound,
+            "final_clip_bound": self.clip_bound_for(self.cfg.server.rounds),
         }
         if not private:
             out["epsilon_refers_to"] = "no noise: the model is not differentially private"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pflm.aggregator.base import AggregateResult
+from pflm.round import AggregateResult
 from pflm.errors import PflmError
 from pflm.io_utils import atomic_write_text
 

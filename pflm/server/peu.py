@@ -14,8 +14,7 @@ import torch
 
 from pflm.config import PEUConfig
 from pflm.errors import ConfigError
-
-NUM_SPECIAL = 4  # pad=0, unk=1, bos=2, eos=3 (fixed by pflm.data.tokenizer)
+from pflm.tokens import NUM_SPECIAL  # pad=0, unk=1, bos=2, eos=3
 
 
 class RowSelector:

@@ -7,17 +7,15 @@ the privacy accountant. The in-process simulator and the Flower ServerApp both d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from pflm.aggregator.base import AggregateResult, RoundContext
 from pflm.config import RecipeConfig
 from pflm.device.layout import Layout, trainable_names
 from pflm.device.trainer import build_device_model
 from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
+from pflm.round import AggregateResult, RoundContext, RoundPlan
 from pflm.privacy.setup import PrivacySetup
 from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
@@ -25,17 +23,6 @@ from pflm.server.peu import RowSelector
 from pflm.secure_random import SecureRandom, subkey
 from pflm.server.ledger import ReleaseLedger, release_digest
 from pflm.server.sampling import sample_cohort
-
-
-@dataclass
-class RoundPlan:
-    """What the server broadcasts to the round's cohort (all public)."""
-
-    round: int
-    cohort: list[int]  # user indices into the training population
-    rows: torch.Tensor | None  # selected global vocabulary rows (None = all)
-    device_state: dict[str, torch.Tensor]  # the device model's weights for this round
-    ctx: RoundContext
 
 
 class FederatedServer:
@@ -90,10 +77,9 @@ class FederatedServer:
         cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling, self.cohort_rng, round_idx)
         rows = self.selector.select(round_idx)
         ctx = RoundContext(
-            round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.cfg.privacy.clip_bound, seed=self.cfg.seed
+            round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.privacy.clip_bound_for(round_idx),
+            seed=self.cfg.seed,
         )
-        for pp in self.postprocessors:
-            pp.update_context(ctx)
         return RoundPlan(round_idx, cohort, rows, self.device_state(rows), ctx)
 
     def release_dim(self) -> int:

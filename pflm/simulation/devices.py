@@ -13,7 +13,6 @@ from __future__ import annotations
 import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -22,31 +21,10 @@ import torch
 
 from pflm.config import RecipeConfig
 from pflm.device.trainer import DeviceTrainer
-from pflm.runtime import available_cpus
+from pflm.runtime import thread_plan, torch_threads  # noqa: F401 - the pool's thread settings
 
 T = TypeVar("T")
 AHEAD = 2  # devices queued per worker beyond the one being consumed (bounds memory held in finished updates)
-
-
-def thread_plan(cfg: RecipeConfig) -> tuple[int, int, int]:
-    """(device workers, torch threads per worker, all threads) for a recipe: `threads` CPU threads in all
-    (0 = every CPU), split between `device_workers` concurrent devices (0 = one device per thread)."""
-    total = cfg.threads or available_cpus()
-    workers = cfg.device_workers or total
-    return workers, max(1, total // workers), total
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block (evaluation, the server step) with n torch threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    if n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 class DevicePool:

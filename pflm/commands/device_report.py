@@ -18,6 +18,7 @@ from pathlib import Path
 from pflm.config import RecipeConfig, load_recipe, recipe_to_dict
 from pflm.config_base import apply_overrides, from_dict
 from pflm.errors import PflmError
+from pflm.tokens import NUM_SPECIAL
 
 VARIANTS = ("full", "peu", "lora", "nce", "peu+lora+nce")
 
@@ -70,7 +71,7 @@ def measure_child(cfg_dict: dict, vocab: int, sentences: int) -> dict:
     rng = np.random.default_rng(0)
     counts = (1.0 / np.arange(1, vocab + 1)) * 1e6  # Zipf prior (stands in for token_counts.npy)
     lengths = rng.integers(3, cfg.data.max_tokens + 1, size=sentences)
-    sents = [(rng.zipf(1.2, size=n) % (vocab - 4) + 4).tolist() for n in lengths]
+    sents = [(rng.zipf(1.2, size=n) % (vocab - NUM_SPECIAL) + NUM_SPECIAL).tolist() for n in lengths]
     _warm_up_torch()
     base_rss = _vm_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
@@ -107,7 +108,7 @@ def run_report(cfg: RecipeConfig, vocab: int, sentences: int = 64) -> dict:
         payload = json.dumps({"cfg": recipe_to_dict(vcfg), "vocab": vocab, "sentences": sentences})
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="68719476736")
         proc = subprocess.run(
-            [sys.executable, "-c", "import sys,json; from pflm.device.report import _child; _child()"],
+            [sys.executable, "-c", "import sys,json; from pflm.commands.device_report import _child; _child()"],
             input=payload, capture_output=True, text=True, env=env,
         )
         if proc.returncode != 0:

@@ -68,9 +68,8 @@ def privacy_lines(summary: dict) -> list[str]:
 
 def eval_cmd(args: argparse.Namespace) -> int:
     from pflm.data.store import FederatedData
-    from pflm.evaluation.perplexity import evaluate
-    from pflm.simulation.artifacts import load_run_model
-    from pflm.simulation.simulator import load_eval_set
+    from pflm.evaluation.perplexity import evaluate, load_eval_set
+    from pflm.evaluation.run_model import load_run_model
 
     model, cfg, _tok, manifest = load_run_model(args.run_dir)
     fd = FederatedData.open(args.data or cfg.data.dir)

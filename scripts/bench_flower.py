@@ -1,6 +1,6 @@
 """Round time and simulated devices per second: in-process simulator vs Flower simulation, same recipe and seed.
 
-    python -m pflm.flower.bench recipes/chitchat_fl.yaml data.dir=/tmp/flower_cc rounds=3 --out /tmp/flower_bench
+    python scripts/bench_flower.py recipes/chitchat_fl.yaml data.dir=/tmp/flower_cc rounds=3 --out /tmp/flower_bench
 
 Runs the recipe once per backend (fresh run dirs under --out), reads each run's metrics.jsonl and prints, per
 backend, the steady-state round time (mean over rounds after the first, which includes Flower's actor

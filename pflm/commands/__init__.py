@@ -1,0 +1,1 @@
+"""Command-line subcommands above every backend: each module exposes `register(subparsers)`."""
