@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +34,10 @@ def updates(n: int, seed: int = 0, dim: int = DIM, clip: float = 1.0) -> dict[in
     return out
 
 
-def run(cfg: SecAggConfig, ups: dict[int, torch.Tensor], drop: tuple[int, ...] = (), seed: int = 5, rnd: int = 3):
-    ctx = RoundContext(round=rnd, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=seed)
+def run(cfg: SecAggConfig, ups: dict[int, torch.Tensor], drop: tuple[int, ...] = (), seed: int = 5, rnd: int = 3,
+        graph_seed: bytes | None = None):
+    extra = {} if graph_seed is None else {"secagg_graph_seed": graph_seed}
+    ctx = RoundContext(round=rnd, dim=DIM, cohort=sorted(ups), clip_bound=1.0, seed=seed, extra=extra)
     agg = SecureAggregator(cfg)
     agg.begin(ctx)
     for u, x in ups.items():
@@ -87,15 +91,19 @@ def test_dropouts_below_threshold_recover_exact_survivor_sum() -> None:
 
 def test_simulated_dropouts_at_every_stage_sparse_graph() -> None:
     ups = updates(20)
-    cfg = seeded_config(neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05)
+    cfg = seeded_config(neighbours=8, threshold=0.55, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05)
     counts = []
-    for seed in (1, 2, 3, 4):  # seed 0 drops 10 of 20 devices and (correctly) fails: see the test below
+    for seed in range(12):  # the key-derived graph is fresh each time: some rounds (correctly) fail safely
         agg, ctx = run(cfg, ups, seed=seed)
-        res = agg.finalize()
+        try:
+            res = agg.finalize()
+        except AggregationFailed as e:
+            assert "threshold 5" in str(e)
+            continue
         assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
         assert res.num_contributors == len(agg.contributors)
         counts.append(res.num_contributors)
-    assert min(counts) < 20  # the seeds above do drop devices
+    assert len(counts) >= 4 and min(counts) < 20  # most rounds succeed, and the seeds above do drop devices
 
 
 def test_too_many_dropouts_fail_safely() -> None:
@@ -152,9 +160,10 @@ def _flip_one_ciphertext(victims: set[tuple[int, int]]):
     def route(self, outboxes):
         inboxes = original(self, outboxes)
         for sender, receiver in victims:
-            ct = bytearray(inboxes[receiver][sender])
+            msg = inboxes[receiver][sender]
+            ct = bytearray(msg.ciphertext)
             ct[20] ^= 1
-            inboxes[receiver][sender] = bytes(ct)
+            inboxes[receiver][sender] = dataclasses.replace(msg, ciphertext=bytes(ct))
         return inboxes
 
     return route
@@ -170,30 +179,34 @@ def test_tampered_share_is_excluded(monkeypatch) -> None:
     assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
 
 
-def test_too_many_tampered_shares_fail_clearly(monkeypatch) -> None:
+def test_too_many_tampered_shares_drop_that_device_not_the_round(monkeypatch) -> None:
     ups = updates(8)
     ids = sorted(ups)
     monkeypatch.setattr(SecAggServer, "route_shares", _flip_one_ciphertext({(ids[0], v) for v in ids[1:5]}))
-    agg, _ = run(seeded_config(threshold=0.6), ups)  # degree 7, t = 5: only 3 good shares of device ids[0]
-    with pytest.raises(AggregationFailed, match=rf"self-mask seed of device {ids[0]}: 3 valid shares, threshold 5"):
-        agg.finalize()
+    agg, ctx = run(seeded_config(threshold=0.6), ups)  # degree 7, t = 5: only 3 good shares of device ids[0]
+    res = agg.finalize()  # the holders complained before masking: ids[0] left U2, nobody masked with it
+    assert agg.contributors == ids[1:] and res.num_contributors == 7
+    assert res.metrics["secagg_excluded_not_in_key_sharing"] == 1
+    assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
 
 
-def test_inconsistent_share_is_detected(monkeypatch) -> None:
+def test_wrong_revealed_share_drops_the_liar_not_the_round(monkeypatch) -> None:
     ups = updates(8)
-    victim = sorted(ups)[2]
+    victim, liar = sorted(ups)[2], sorted(ups)[5]
     original = SecAggClient.unmask
 
-    def lying_unmask(self, survivors, dropped):
-        resp = original(self, survivors, dropped)
-        if victim in resp.self_mask_shares:
-            resp.self_mask_shares[victim] += 1  # authenticated but wrong share
+    def lying_unmask(self, *args, **kwargs):
+        resp = original(self, *args, **kwargs)
+        if self.device_id == liar:
+            resp.self_mask_shares[victim] += 1  # a wrong share: it does not match the owner's public tag
         return resp
 
     monkeypatch.setattr(SecAggClient, "unmask", lying_unmask)
-    agg, _ = run(seeded_config(), ups)
-    with pytest.raises(AggregationFailed, match=f"device {victim} does not match its commitment"):
-        agg.finalize()
+    agg, ctx = run(seeded_config(), ups)
+    res = agg.finalize()
+    assert agg.server.misbehaving == {liar: "revealed a share that does not match its public tag"}
+    assert res.metrics["secagg_misbehaving"] == 1 and res.num_contributors == 8  # its own input still counts
+    assert np.array_equal(agg.last_sum.astype(np.uint64), quantised_sum(agg, ctx, ups))
 
 
 @pytest.mark.parametrize(
@@ -201,18 +214,19 @@ def test_inconsistent_share_is_detected(monkeypatch) -> None:
     [
         dict(),
         dict(bits=20, neighbours="log"),
-        dict(bits=48, neighbours=8, threshold=0.5, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05),
-        dict(neighbours=7, threshold=0.5, dropout_advertise=0.05, dropout_masked_input=0.15),
+        dict(bits=48, neighbours=10, threshold=0.55, dropout_share=0.05, dropout_masked_input=0.1, dropout_unmask=0.05),
+        dict(neighbours=7, threshold=0.55, dropout_advertise=0.05, dropout_masked_input=0.15),
         dict(neighbours=3, threshold=1.0, dropout_masked_input=0.3),  # mostly fails: both modes must agree
     ],
 )
 def test_simulate_mode_is_bit_exact(cfg: dict) -> None:
     ups = updates(16, seed=1)
     successes = 0
-    for seed in range(3):
-        sums, results = [], []
-        for mode in ("full", "simulate"):
-            agg, _ = run(seeded_config(mode=mode, **cfg), ups, drop=(sorted(ups)[3],), seed=seed)
+    for seed in range(6):
+        sums, results, graph = [], [], None
+        for mode in ("full", "simulate"):  # simulate replays the full round's key-derived graph
+            agg, _ = run(seeded_config(mode=mode, **cfg), ups, drop=(sorted(ups)[3],), seed=seed, graph_seed=graph)
+            graph = agg.graph_seed
             try:
                 results.append(agg.finalize())
                 sums.append(agg.last_sum)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -47,11 +45,18 @@ def test_config_from_recipe_mapping() -> None:
 
 def test_config_degree_and_threshold() -> None:
     assert SecAggConfig(neighbours="8").neighbours == 8
-    cfg = SecAggConfig(neighbours="log", log_factor=2.0, threshold=0.5)
-    assert cfg.degree(400) == math.ceil(2 * math.log2(400))
+    cfg = SecAggConfig(neighbours="log")
+    bell = cfg.bell_parameters(400)
+    assert cfg.round_parameters(400) == (bell.k, bell.t) and bell.k < 40
     assert cfg.degree(5) == 4  # capped at n − 1
     assert SecAggConfig().degree(10) == 9
-    assert cfg.threshold_for(18) == 9 and cfg.threshold_for(2) == 2
+    plain = SecAggConfig(threshold=0.55)
+    assert plain.threshold_for(18) == 10 and plain.threshold_for(2) == 2  # always > k/2
+    assert SecAggConfig(malicious=True).threshold == 0.7
+    assert SecAggConfig(malicious=True).threshold_for(9) == 7  # > 2k/3
+    for bad in ({"threshold": 0.5}, {"threshold": 0.65, "malicious": True}, {"corrupt_fraction": 0.6}):
+        with pytest.raises(ConfigError, match="threshold|corrupt_fraction"):
+            SecAggConfig(**bad)
 
 
 def _codec(n: int = 10, dim: int = 1000, bits: int = 32, bound: float = 1.0) -> FixedPointCodec:
@@ -209,6 +214,7 @@ def test_fused_masking_equals_encode_then_mask() -> None:
     client, peers = agg.clients[0], agg.server.mask_list(0)
     stream = MaskStream(codec.length, 32, workers=2)
     separate = client.masked_input(codec.encode(x, 1.0, {"clipped": 1.0}, key).ints, peers, stream)
+    client._stage = "received"  # white-box: an honest device masks once per round; replay the step for the test
     fused = client.masked_input(codec.encoder(x, 1.0, {"clipped": 1.0}, key), peers, stream)
     assert np.array_equal(separate, fused)
     assert fixed_point.CHUNK % 4 == 0 and MaskStream.CHUNK % 4 == 0

@@ -3,8 +3,10 @@
 `begin` runs AdvertiseKeys and ShareKeys for the cohort, `upload` runs the device's encoding and masking (the
 same `SecAggClient` code a real device runs; thread-safe, so simulated devices can mask concurrently),
 `receive` sums the masked vector on the server, `drop` marks a dropout, `finalize` runs Unmasking and decodes.
-`mode="simulate"` skips the cryptography but draws the same dropouts and survivor sets (and, with
-`rounding="seeded"`, the same rounding), so its integer sum is then bit-identical to the full protocol's.
+`mode="simulate"` skips the cryptography but draws the same dropouts and survivor sets on the same graph (and,
+with `rounding="seeded"`, the same rounding), so its integer sum is then bit-identical to the full protocol's. The
+full protocol's graph comes from the round's advertised keys; simulate uses a seeded stand-in (or, to replay a
+full round, `ctx.extra["secagg_graph_seed"]`).
 
 Before encoding, each device scales its update to norm ≤ clip_bound·weight − the codec's rounding slack
 (`FixedPointCodec.fit_norm`), so no rounding outcome can raise a contribution's norm above the clip bound the
@@ -28,42 +30,20 @@ import numpy as np
 import torch
 
 from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext, Upload
-from pflm.aggregator.secagg import shamir
 from pflm.aggregator.secagg.client import SecAggClient
 from pflm.aggregator.secagg.config import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
-from pflm.aggregator.secagg.graph import effective_degree, graph_seed, harary_graph
+from pflm.aggregator.secagg.graph import graph_seed, harary_graph
+from pflm.aggregator.secagg.inprocess import STAGES, InProcessProtocol, dropout_plan, upload_bytes_estimate  # noqa: F401
 from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
+from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
+from pflm.aggregator.secagg.params import SecAggParameters
 from pflm.aggregator.secagg.protocol import SecAggServer, key_sharing_survivors, recovery_problem
 from pflm.errors import AggregationFailed
 from pflm.runtime import resolve_workers
 from pflm.secure_random import subkey
 
-STAGES = ("advertise", "share", "masked_input", "unmask")
 QUANT_PROBES = 1 << 16  # coordinates compared with the float sum for secagg_quant_error_max (an even stride)
-
-
-def dropout_plan(cfg: SecAggConfig, seed: int, round_: int, cohort: list[int]) -> dict[int, str]:
-    """Simulated dropouts: device → the stage before which it drops (absent = never), seeded by (run seed, round)."""
-    probs = [cfg.dropout_advertise, cfg.dropout_share, cfg.dropout_masked_input, cfg.dropout_unmask]
-    if not any(probs):
-        return {}
-    digest = hashlib.sha256(f"pflm-secagg-dropout|{seed}|{round_}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:16], "big"))
-    draws = rng.random((len(cohort), len(STAGES)))
-    plan: dict[int, str] = {}
-    for u, row in zip(cohort, draws):
-        for stage, p, r in zip(STAGES, probs, row):
-            if r < p:
-                plan[u] = stage
-                break
-    return plan
-
-
-def upload_bytes_estimate(degree: int, length: int, bits: int) -> int:
-    """Bytes one device sends in the full protocol (keys, encrypted shares, masked vector, unmask answers)."""
-    share_msg = 16 + 16 + 2 * shamir.SHARE_BYTES + 16  # ids, (sender,receiver) header, 2 shares, AEAD tag
-    return 104 + degree * share_msg + (length * bits + 7) // 8 + 8 + degree * (8 + shamir.SHARE_BYTES)
 
 
 def make_secure_aggregator(options: dict[str, Any] | None, seed: int | None = None,
@@ -107,6 +87,12 @@ class SecureAggregator(Aggregator):
         self.transcript: dict[str, Any] = {}
         self.server: SecAggServer | None = None
         self.clients: dict[int, SecAggClient] = {}  # simulated devices (full mode)
+        self.protocol: InProcessProtocol | None = None
+        self.parameters: SecAggParameters | None = None  # the round's (k, t, γ, δ, failure bounds), after begin
+        self.graph_seed: bytes | None = None
+        # Malicious variant: the device key registry and the simulated devices' long-term identities (enrolment)
+        self.registry = DeviceRegistry()
+        self._identities: dict[int, DeviceIdentity] = {}
         self._contributed: set[int] = set()
         self._dropped: set[int] = set()
 
@@ -125,7 +111,7 @@ class SecureAggregator(Aggregator):
         self._seen: set[int] = set()
         self._dropped: set[int] = set()
         self._contributed: set[int] = set()
-        self._excluded = {"not_in_key_sharing": 0, "nonfinite": 0, "simulated_dropout": 0}
+        self._excluded = {"not_in_key_sharing": 0, "nonfinite": 0, "simulated_dropout": 0, "refused": 0, "malformed": 0}
         self._secs = {k: 0.0 for k in ("advertise", "share", "encode", "masked_input", "sum", "unmask_clients", "unmask_server")}
         self._float_sum: np.ndarray | None = None
         self._acc: np.ndarray | None = None
@@ -137,6 +123,7 @@ class SecureAggregator(Aggregator):
         self._cohort_set = set(cohort)
         self.clients = {}
         self.server = None
+        self.protocol = None
         n = len(cohort)
         self._seed = ctx.seed if self.run_seed is None else self.run_seed
         self.plan = dropout_plan(cfg, self._seed, ctx.round, cohort)
@@ -153,18 +140,24 @@ class SecureAggregator(Aggregator):
             probe = None  # bits too small for the cohort: the first upload raises the usual message
         if probe is not None:
             probe.check_slack(ctx.clip_bound)
-        self.degree = effective_degree(n, cfg.degree(n))
-        self.threshold = cfg.threshold_for(self.degree)
-        self.graph = harary_graph(cohort, cfg.degree(n), graph_seed(self._seed, ctx.round))
+        self.degree, self.threshold = cfg.round_parameters(n)
+        self.parameters = cfg.parameters(n)
         self.session = Session(
             session_id=secrets.token_bytes(16),
             round=ctx.round,
             bits=cfg.bits,
             threshold=self.threshold,
             x_of={u: i + 1 for i, u in enumerate(cohort)},
+            degree=self.degree,
+            malicious=cfg.malicious,
         )
-        advertised = {u for u in cohort if self.plan.get(u) != "advertise"}
         if cfg.mode == "simulate":
+            # No keys to hash: a trusted-server stand-in for the key-derived graph (the same uniform random ring),
+            # from the public seed, or from ctx.extra["secagg_graph_seed"] to replay a full-protocol round's graph.
+            self.graph_seed = ctx.extra.get("secagg_graph_seed") or hashlib.sha256(
+                f"pflm-secagg-sim-graph|{self._seed}|{ctx.round}".encode()).digest()
+            self.graph = harary_graph(cohort, self.degree, self.graph_seed)
+            advertised = {u for u in cohort if self.plan.get(u) != "advertise"}
             sent = {
                 u
                 for u in advertised
@@ -172,34 +165,29 @@ class SecureAggregator(Aggregator):
             }
             self.u2 = key_sharing_survivors(self.graph, advertised, sent, self.threshold)
         else:
-            self._begin_full(advertised)
+            self._begin_full()
+            self.graph_seed = graph_seed(self.session.session_id, ctx.round,
+                                         {u: ad.graph_key for u, ad in self.server.ads.items()})
         if len(self.u2) < self.threshold:
             self._failure = (
                 f"only {len(self.u2)} of {n} devices completed key sharing, fewer than the threshold {self.threshold}"
             )
 
-    def _begin_full(self, advertised: set[int]) -> None:
-        t0 = time.perf_counter()
-        self.clients = {u: SecAggClient(u, self.session) for u in sorted(advertised)}
-        self.server = SecAggServer(self.session, self.graph)
-        self.server.receive_advertisements([c.advertise() for c in self.clients.values()])
-        t1 = time.perf_counter()
-        outboxes: dict[int, dict[int, bytes]] = {}
-        for u, client in self.clients.items():
-            if self.plan.get(u) == "share":
-                continue
-            peers = self.server.peers_of(u)
-            if len(peers) < self.threshold:
-                continue  # the device cannot share its secrets safely: it leaves the round
-            outboxes[u] = client.share_keys(peers)
-        inboxes = self.server.route_shares(outboxes)
-        for v, inbox in inboxes.items():
-            self.clients[v].receive_shares(inbox)
-        self.u2 = set(self.server.u2)
-        self._secs["advertise"], self._secs["share"] = t1 - t0, time.perf_counter() - t1
-        if self.config.keep_transcript:
-            self.transcript["ads"] = dict(self.server.ads)
-            self.transcript["ciphertexts"] = {u: dict(o) for u, o in outboxes.items()}
+    def _begin_full(self) -> None:
+        transcript = self.transcript if self.config.keep_transcript else None
+        identities = {u: self._identity(u) for u in self.cohort} if self.config.malicious else None
+        self.protocol = InProcessProtocol(self.session, self.config, self.plan, self.registry, identities, transcript)
+        self.server = self.protocol.server
+        self.u2 = self.protocol.begin()
+        self.graph = self.protocol.graph
+        self.clients = self.protocol.clients
+        self._secs.update({k: self.protocol.secs[k] for k in ("advertise", "share")})
+
+    def _identity(self, u: int) -> DeviceIdentity:
+        """Enrolment: a device's long-term signing key, registered once per aggregator (its lifetime = the run's)."""
+        if u not in self._identities:
+            self._identities[u] = self.registry.enrol(u)
+        return self._identities[u]
 
     # ---------------------------------------------------------------- add: device-side encoding + masking
     def _make_codec(self, aux: dict[str, float]) -> FixedPointCodec:
@@ -233,6 +221,8 @@ class SecureAggregator(Aggregator):
             raise AggregationFailed(f"device {u} sent an update of length {update.numel()}, expected {ctx.dim}")
         if u not in self._cohort_set:
             raise AggregationFailed(f"device {u} is not in the cohort of round {ctx.round}")
+        if u in self._seen:  # before the device is asked again (it would refuse and leave the round)
+            raise AggregationFailed(f"device {u} sent two updates in round {ctx.round}")
         if self._failure is not None:
             return Upload(u, excluded="round_failed")
         if u not in self.u2:
@@ -262,7 +252,9 @@ class SecureAggregator(Aggregator):
         if self.config.mode == "full":
             assert self.server is not None
             encoder = codec.encoder(x, float(weight), aux, key)
-            payload = self.clients[u].masked_input(encoder, self.server.mask_list(u), self._upload_stream)
+            payload = self.protocol.masked_input(u, encoder, self._upload_stream)
+            if payload is None:
+                return Upload(u, excluded="refused")
             stage, finite, clamped = "masked_input", encoder.finite, encoder.clamped
         else:
             enc = codec.encode(x, float(weight), aux, key)
@@ -293,13 +285,16 @@ class SecureAggregator(Aggregator):
         if upload.excluded is not None:
             if upload.excluded in self._excluded:
                 self._excluded[upload.excluded] += 1
-            if upload.excluded in ("simulated_dropout", "nonfinite"):
+            if upload.excluded in ("simulated_dropout", "nonfinite", "refused"):
                 self._dropped.add(u)
             return
         t0 = time.perf_counter()
         if self.config.mode == "full":
             assert self.server is not None
-            self.server.receive_masked(u, upload.payload)
+            if not self.server.receive_masked(u, upload.payload):
+                self._dropped.add(u)
+                self._excluded["malformed"] += 1
+                return
             if self.config.keep_transcript:
                 self.transcript["masked"][u] = upload.payload
         else:
@@ -334,7 +329,8 @@ class SecureAggregator(Aggregator):
         if not u3 or self.codec is None:
             raise AggregationFailed("no device contributed an update this round")
         responders = {v for v in u3 if self.plan.get(v) != "unmask"}
-        problem = recovery_problem(self.graph, self.u2, u3, responders, self.threshold)
+        complaints = self.server.complaints if self.server is not None else None
+        problem = recovery_problem(self.graph, self.u2, u3, responders, self.threshold, complaints)
         if problem:
             raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {problem}")
         bad_shares = 0
@@ -353,18 +349,8 @@ class SecureAggregator(Aggregator):
         return AggregateResult(total_f32, dec.weight, len(u3), dec.aux, metrics)
 
     def _finalize_full(self, responders: set[int]) -> np.ndarray:
-        assert self.server is not None
-        t0 = time.perf_counter()
-        responses = {}
-        for v in sorted(responders):
-            request = self.server.unmask_request(v)
-            responses[v] = self.clients[v].unmask(*request)
-            if self.config.keep_transcript:
-                self.transcript["requests"][v] = request
-                self.transcript["responses"][v] = responses[v]
-        t1 = time.perf_counter()
-        total = self.server.finish(responses, self._stream)
-        self._secs["unmask_clients"], self._secs["unmask_server"] = t1 - t0, time.perf_counter() - t1
+        total = self.protocol.finalize(responders, self._stream)
+        self._secs.update({k: self.protocol.secs[k] for k in ("unmask_clients", "unmask_server")})
         return total
 
     def _metrics(self, clamped: int, contributors: int, bad_shares: int, decoded: np.ndarray) -> dict[str, float]:
@@ -380,6 +366,8 @@ class SecureAggregator(Aggregator):
             "secagg_degree": float(self.degree),
             "secagg_threshold": float(self.threshold),
             "secagg_bad_shares": float(bad_shares),
+            "secagg_misbehaving": float(len(self.server.misbehaving) if self.server is not None else 0),
+            "secagg_refusals": float(len(self.protocol.refusals) if self.protocol is not None else 0),
         }
         m.update({f"secagg_excluded_{k}": float(v) for k, v in self._excluded.items()})
         m.update({f"secagg_seconds_{k}": v for k, v in self._secs.items()})

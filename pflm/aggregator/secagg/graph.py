@@ -1,16 +1,23 @@
-"""Public neighbour graphs: complete (Bonawitz et al. 2017) or a random k-regular Harary graph (SecAgg+)."""
+"""Public neighbour graphs (complete, or SecAgg+'s random Harary ring) from randomness the server cannot choose."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 
 
-def graph_seed(run_seed: int, round_: int) -> bytes:
-    """Public seed of a round's graph; both protocol modes derive the same one."""
-    return hashlib.sha256(f"pflm-secagg-graph|{run_seed}|{round_}".encode()).digest()
+def graph_seed(session_id: bytes, round_: int, keys: Mapping[int, bytes]) -> bytes:
+    """Public seed of a round's graph: a hash of every advertised public key (sorted by device id) bound to the
+    session. Keys are fresh per round and made after the session id is fixed, so the server cannot pick the
+    graph after seeing them — only drop advertisers, each of which the devices see (see docs/secagg.md)."""
+    h = hashlib.sha256(b"pflm-secagg-graph-v2" + session_id + struct.pack(">qq", round_, len(keys)))
+    for u in sorted(keys):
+        h.update(struct.pack(">qI", u, len(keys[u])) + keys[u])
+    return h.digest()
 
 
 def effective_degree(n: int, k: int) -> int:
@@ -21,6 +28,12 @@ def effective_degree(n: int, k: int) -> int:
 
 
 def harary_graph(ids: Sequence[int], k: int, seed: bytes) -> dict[int, frozenset[int]]:
+    """See `_harary` (cached: in simulation every device recomputes the same public graph)."""
+    return dict(_harary(tuple(sorted(ids)), k, seed))
+
+
+@lru_cache(maxsize=64)
+def _harary(ids: tuple[int, ...], k: int, seed: bytes) -> dict[int, frozenset[int]]:
     """Symmetric graph on `ids` where every node has `effective_degree(n, k)` neighbours.
 
     Nodes are placed on a ring in a random order drawn from the public seed and joined to the ⌊k/2⌋ nearest

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pflm.runtime import available_cpus
 
 _NONCE16 = bytes(16)  # every PRG key below is used for exactly one stream, so a fixed counter start is safe
-AEAD_NONCE = bytes(12)  # every share-encryption key is used for exactly one message
 
 
 def prg(key: bytes, block: int = 0):
@@ -72,7 +71,13 @@ class Session:
     round: int
     bits: int
     threshold: int
-    x_of: dict[int, int]  # device id → its public Shamir x-coordinate
+    x_of: dict[int, int]  # device id → its public Shamir x-coordinate (i + 1 for the i-th smallest cohort id)
+    degree: int = 0  # neighbours per device in the round's graph (0: not announced, n − 1 assumed)
+    malicious: bool = False  # signed advertisements + consistency-check round (Bonawitz et al. 2017 §4)
+
+    @property
+    def cohort(self) -> list[int]:
+        return sorted(self.x_of)
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
@@ -89,6 +94,7 @@ class Session:
         return y
 
     def binding(self, *ids: int) -> bytes:
+        """Session id, round and the given ids, unambiguously encoded (for HKDF info, AEAD data, signatures)."""
         return self.session_id + struct.pack(">q", self.round) + b"".join(struct.pack(">q", i) for i in ids)
 
 
