@@ -20,7 +20,7 @@ class RoundContext:
     round: int  # 0-based round index
     dim: int  # length of the release vector
     cohort: list[int]  # device (user) ids of this message: the whole cohort only inside the server
-    clip_bound: float  # L2 bound C on each device's update (owned by privacy: `PrivacySetup.clip_bound_for`)
+    clip_bound: float  # L2 bound C on each device's update (owned by privacy: `DPMechanism.clip_bound_for`)
     seed: int  # run seed (for simulation determinism; never a secret)
     extra: dict = field(default_factory=dict)
 

@@ -9,7 +9,7 @@ import pytest
 
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import RunningAccountant
-from pflm.privacy.budget import BudgetExhausted, BudgetGuard
+from pflm.privacy.guard import BudgetExhausted, BudgetGuard
 
 SIGMA, Q, DELTA, TARGET = 2.0, 0.05, 1e-5, 1.0
 

@@ -93,7 +93,7 @@ def _simulate(ac: AdaptiveClipping, rounds: int, m: int, norms_rng: np.random.Ge
     used = []
     for r in range(start, start + rounds):
         ctx = _ctx(1.0, 4, round_=r, m=m)
-        ctx.clip_bound = ac.clip_bound  # what PrivacySetup.clip_bound_for hands the round
+        ctx.clip_bound = ac.clip_bound  # what DPMechanism.clip_bound_for hands the round
         used.append(ctx.clip_bound)
         agg.begin(ctx)
         for dev in range(m):
@@ -147,7 +147,7 @@ def test_adaptive_releases_only_noised_count():
     ac = AdaptiveClipping(cfg, SecureGaussian(derive_key(4)))
     agg = PlainSumAggregator()
     ctx = _ctx(1.0, 3, m=4)
-    ctx.clip_bound = ac.clip_bound  # what PrivacySetup.clip_bound_for hands the round
+    ctx.clip_bound = ac.clip_bound  # what DPMechanism.clip_bound_for hands the round
     agg.begin(ctx)
     for d in range(4):
         out, aux = ac.on_device(torch.ones(3) * (0.1 if d < 3 else 5.0), ctx)

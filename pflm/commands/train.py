@@ -43,6 +43,8 @@ def train_cmd(args: argparse.Namespace) -> int:
             print(f"{k}: {summary[k]}")
     for line in privacy_lines(summary):
         print(line)
+    if summary.get("secagg_parameters"):
+        print(f"secure aggregation: {summary['secagg_parameters']}")
     print(f"run_dir: {cfg.run_dir}")
     return 0
 

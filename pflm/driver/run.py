@@ -29,7 +29,7 @@ from pflm.driver.metrics import DIAGNOSTICS_FILE, RoundLog
 from pflm.errors import AggregationFailed, PflmError
 from pflm.evaluation.perplexity import evaluate, load_eval_set, unigram_baseline
 from pflm.io_utils import atomic_write_json, atomic_write_text
-from pflm.privacy.setup import check_data_privacy
+from pflm.privacy.mechanism import check_data_privacy
 from pflm.round import RoundPlan
 from pflm.runtime import torch_threads
 from pflm.server.ledger import ReleaseLedger
@@ -45,6 +45,15 @@ def make_aggregator(cfg: RecipeConfig, run_key: bytes | None = None) -> Aggregat
     from pflm.aggregator.plain import PlainSumAggregator
 
     return PlainSumAggregator()
+
+
+def secagg_parameters(cfg: RecipeConfig, aggregator: Aggregator) -> str | None:
+    """The SecAgg+ degree/threshold for the *expected* cohort (the realised one is private) with the
+    assumptions behind them (Bell et al. 2020), as the run states them; None without secure aggregation."""
+    config = getattr(aggregator, "config", None)
+    if cfg.aggregation.kind != "secure" or config is None or cfg.server.cohort_size < 3:
+        return None
+    return config.parameters(cfg.server.cohort_size).describe()
 
 
 class RunDriver:
@@ -77,6 +86,7 @@ class RunDriver:
         )
         self.aggregator = make_aggregator(cfg, self.run_key)
         self.aggregator.concurrent_uploads = self.workers
+        self.secagg_parameters = secagg_parameters(cfg, self.aggregator)
         self.val_set = load_eval_set(self.fd, "val", cfg.data.val_users)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         fanout.attach(self)
@@ -201,6 +211,7 @@ class RunDriver:
             "release_dim": self.server.release_dim(),
             "wall_seconds": wall,
             "stop_reason": stop_reason,
+            "secagg_parameters": self.secagg_parameters,
             "recipe": recipe_to_dict(cfg),
             **priv,
         }

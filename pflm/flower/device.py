@@ -27,7 +27,7 @@ from pflm.flower.partition import owner
 from pflm.device.update import device_update
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.clipping import NonFiniteUpdate
-from pflm.privacy.setup import device_postprocessors
+from pflm.privacy.mechanism import device_postprocessors
 from pflm.secure_random import derive_key, new_key, subkey
 
 

@@ -87,7 +87,7 @@ class AdaptiveClipping(L2Clip):
     """Clips on the device like `L2Clip` (use it *instead of* L2Clip) and adapts C between rounds.
 
     Chain: [AdaptiveClipping(cfg, gen), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, m̄, M)].
-    `clip_bound` is the C of the next round (the run's `PrivacySetup.clip_bound_for` reads it); `on_server` releases the
+    `clip_bound` is the C of the next round (the run's `DPMechanism.clip_bound_for` reads it); `on_server` releases the
     noisy count and computes the next C. State (C) round-trips through state_dict for exact resume.
     """
 

@@ -16,7 +16,7 @@ from pflm.device.trainer import build_device_model
 from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
 from pflm.round import AggregateResult, RoundContext, RoundPlan
-from pflm.privacy.setup import PrivacySetup
+from pflm.privacy.mechanism import DPMechanism
 from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
 from pflm.server.peu import RowSelector
@@ -55,7 +55,7 @@ class FederatedServer:
                 self.model.output_weight().zero_()
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
-        self.privacy = PrivacySetup(cfg, population, run_key, data_privacy)
+        self.privacy = DPMechanism(cfg, population, run_key, data_privacy)
         self.cohort_rng = SecureRandom(subkey(run_key, "cohort-sampling"))
         self.ledger = ledger
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors

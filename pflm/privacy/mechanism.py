@@ -1,4 +1,4 @@
-"""Builds a recipe's privacy chain (clip → [adaptive] → noise) and accountant, and answers budget questions.
+"""The run's DP mechanism (`DPMechanism`): clip → [adaptive] → noise, its accountant, and the budget questions.
 
 The only place that turns `PrivacyConfig` into objects, so the simulator and the Flower ServerApp apply the
 same σ, the same noise cohort and the same accounting. ε always refers to the *noise cohort* M out of the
@@ -16,7 +16,7 @@ from pflm.errors import ConfigError
 from pflm.privacy.accountant import PrivacyBudget, RunningAccountant, combine_noise_multipliers, epsilon_from_history
 from pflm.privacy.adaptive import AdaptiveClipping, AdaptiveClippingConfig
 from pflm.privacy.base import Postprocessor
-from pflm.privacy.budget import BudgetGuard
+from pflm.privacy.guard import BudgetGuard
 from pflm.privacy.clipping import L2Clip
 from pflm.privacy.noise import GaussianNoisePostprocessor
 from pflm.secure_random import SecureRandom, new_key, subkey
@@ -56,10 +56,12 @@ def check_data_privacy(cfg: RecipeConfig, data_privacy: dict, data_dir: str) -> 
 def device_postprocessors(cfg: RecipeConfig, population: int) -> list[Postprocessor]:
     """The chain as code on a device needs it (only `on_device`, i.e. clipping): built with a throwaway key,
     since devices never hold the server's run key (its noise and cohort streams stay on the server)."""
-    return PrivacySetup(cfg, population, new_key()).postprocessors
+    return DPMechanism(cfg, population, new_key()).postprocessors
 
 
-class PrivacySetup:
+class DPMechanism:
+    """Everything DP about one run: the postprocessor chain, the secret noise stream, the accountant and guard."""
+
     def __init__(self, cfg: RecipeConfig, train_users: int, run_key: bytes, data_privacy: dict | None = None) -> None:
         p = cfg.privacy
         self.cfg = cfg
