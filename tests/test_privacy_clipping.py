@@ -12,7 +12,8 @@ from pflm.round import RoundContext
 from pflm.aggregator.plain import PlainSumAggregator
 from pflm.errors import ConfigError, PflmError
 from pflm.privacy.accountant import RunningAccountant, combine_noise_multipliers
-from pflm.privacy.adaptive import AdaptiveClipping, AdaptiveClippingConfig, update_noise_multiplier
+from pflm.config import AdaptiveClipConfig
+from pflm.privacy.adaptive import AdaptiveClipping, update_noise_multiplier
 from pflm.privacy.clipping import L2Clip, NonFiniteUpdate, clip_l2, l2_norm
 from pflm.privacy.noise import SecureGaussian, derive_key
 
@@ -76,15 +77,22 @@ def test_update_noise_multiplier_formula():
     assert update_noise_multiplier(0.0, 0.0) == 0.0
 
 
+def _adaptive(seed: int = 0, *, initial_clip_bound: float, noise_multiplier: float, expected_cohort: int,
+              noise_cohort: int | None = None, **settings) -> AdaptiveClipping:
+    """AdaptiveClipping from the recipe's settings plus what the run supplies (C₀, σ, m̄, M)."""
+    return AdaptiveClipping(AdaptiveClipConfig(enabled=True, **settings), initial_clip_bound, noise_multiplier,
+                            expected_cohort, noise_cohort, SecureGaussian(derive_key(seed)))
+
+
 def test_config_defaults_and_validation():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000, expected_cohort=100)
-    assert cfg.count_noise_std == 250.0  # paper default M/20
+    ac = _adaptive(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000, expected_cohort=100)
+    assert ac.count_noise_std == 250.0  # paper default M/20
     for bad in [dict(initial_clip_bound=0.0), dict(target_quantile=1.0), dict(learning_rate=0.0),
                 dict(noise_multiplier=-1.0), dict(count_noise_std=0.1), dict(expected_cohort=0)]:
         kw = dict(initial_clip_bound=0.1, noise_multiplier=0.9, noise_cohort=5000, expected_cohort=100)
         kw.update(bad)
         with pytest.raises(ConfigError):
-            AdaptiveClippingConfig(**kw)
+            _adaptive(**kw)
 
 
 def _simulate(ac: AdaptiveClipping, rounds: int, m: int, norms_rng: np.random.Generator, start: int = 0) -> list[float]:
@@ -109,9 +117,8 @@ def _simulate(ac: AdaptiveClipping, rounds: int, m: int, norms_rng: np.random.Ge
 @pytest.mark.parametrize("gamma", [0.5, 0.8])
 def test_adaptive_clip_converges_to_target_quantile(gamma):
     m = 100
-    cfg = AdaptiveClippingConfig(initial_clip_bound=0.05, noise_multiplier=1.0, target_quantile=gamma,
+    ac = _adaptive(3, initial_clip_bound=0.05, noise_multiplier=1.0, target_quantile=gamma,
                                  count_noise_std=m / 20, expected_cohort=m)
-    ac = AdaptiveClipping(cfg, SecureGaussian(derive_key(3)))
     used = _simulate(ac, 250, m, np.random.default_rng(0))
     true_quantile = math.exp(0.5 * float(np.quantile(np.random.default_rng(1).standard_normal(10**6), gamma)))
     late = float(np.exp(np.mean(np.log(used[-100:]))))
@@ -123,13 +130,13 @@ def test_adaptive_clip_converges_to_target_quantile(gamma):
 
 
 def test_adaptive_state_resume_is_exact_and_accounting_composes():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=0.2, noise_multiplier=1.0, count_noise_std=2.0, expected_cohort=20)
-    full = AdaptiveClipping(cfg, SecureGaussian(derive_key(9)))
+    kw = dict(initial_clip_bound=0.2, noise_multiplier=1.0, count_noise_std=2.0, expected_cohort=20)
+    full = _adaptive(9, **kw)
     ref = _simulate(full, 10, 20, np.random.default_rng(5))
-    first = AdaptiveClipping(cfg, SecureGaussian(derive_key(9)))
+    first = _adaptive(9, **kw)
     rng = np.random.default_rng(5)
     part1 = _simulate(first, 5, 20, rng)
-    resumed = AdaptiveClipping(cfg, SecureGaussian(derive_key(9)))
+    resumed = _adaptive(9, **kw)
     resumed.load_state_dict(first.state_dict())
     part2 = _simulate(resumed, 5, 20, rng, start=5)
     assert part1 + part2 == ref
@@ -143,8 +150,7 @@ def test_adaptive_state_resume_is_exact_and_accounting_composes():
 
 
 def test_adaptive_releases_only_noised_count():
-    cfg = AdaptiveClippingConfig(initial_clip_bound=1.0, noise_multiplier=1.0, count_noise_std=3.0, expected_cohort=4)
-    ac = AdaptiveClipping(cfg, SecureGaussian(derive_key(4)))
+    ac = _adaptive(4, initial_clip_bound=1.0, noise_multiplier=1.0, count_noise_std=3.0, expected_cohort=4)
     agg = PlainSumAggregator()
     ctx = _ctx(1.0, 3, m=4)
     ctx.clip_bound = ac.clip_bound  # what DPMechanism.clip_bound_for hands the round

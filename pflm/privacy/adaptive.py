@@ -19,16 +19,17 @@ Paper defaults: γ = 0.5, η = 0.2, σ_b = M/20.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from pflm.round import AggregateResult, RoundContext
+from pflm.config import AdaptiveClipConfig
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import combine_noise_multipliers
 from pflm.privacy.clipping import L2Clip
-from pflm.privacy.noise import SecureGaussian
+from pflm.secure_random import SecureRandom
 
 AUX_KEY = "unclipped"
 COUNT_PURPOSE = "clip-count"
@@ -49,62 +50,51 @@ def update_noise_multiplier(total_noise_multiplier: float, count_noise_std: floa
     return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
 
 
-@dataclass
-class AdaptiveClippingConfig:
-    """Settings of quantile-based adaptive clipping; `noise_multiplier` is the *total* σ of the budget."""
-
-    initial_clip_bound: float
-    noise_multiplier: float
-    target_quantile: float = 0.5
-    learning_rate: float = 0.2
-    count_noise_std: float | None = None  # σ_b on the noise cohort's count; None → noise_cohort / 20
-    noise_cohort: int | None = None  # M (None: the expected cohort; then count_noise_std must be given)
-    expected_cohort: int = 0  # m̄: the configured (expected) cohort size; required
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial_clip_bound < math.inf:
-            raise ConfigError(f"initial_clip_bound={self.initial_clip_bound} is invalid: use a finite C > 0")
-        if not 0 < self.target_quantile < 1:
-            raise ConfigError(f"target_quantile={self.target_quantile} is invalid: use 0 < γ < 1 (e.g. 0.5)")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate={self.learning_rate} is invalid: use η > 0 (e.g. 0.2)")
-        if not 0 <= self.noise_multiplier < math.inf:
-            raise ConfigError(f"noise_multiplier={self.noise_multiplier} is invalid: use a finite σ ≥ 0")
-        if self.expected_cohort < 1:
-            raise ConfigError(f"expected_cohort={self.expected_cohort} is invalid: give the configured cohort size")
-        if self.noise_cohort is not None and self.noise_cohort < 1:
-            raise ConfigError(f"noise_cohort={self.noise_cohort} is invalid: use a positive user count or None")
-        if self.count_noise_std is None:
-            if self.noise_cohort is None:
-                raise ConfigError("adaptive clipping needs count_noise_std or noise_cohort (σ_b = noise_cohort/20)")
-            self.count_noise_std = self.noise_cohort / 20.0
-        if not 0 <= self.count_noise_std < math.inf:
-            raise ConfigError(f"count_noise_std={self.count_noise_std} is invalid: use a finite σ_b ≥ 0")
-        update_noise_multiplier(self.noise_multiplier, self.count_noise_std)  # checks 2σ_b > σ
-
-
 class AdaptiveClipping(L2Clip):
     """Clips on the device like `L2Clip` (use it *instead of* L2Clip) and adapts C between rounds.
 
-    Chain: [AdaptiveClipping(cfg, gen), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, m̄, M)].
+    Chain: [AdaptiveClipping(...), GaussianNoisePostprocessor(ac.update_noise_multiplier, gen, m̄, M)]. The
+    settings are the recipe's own `privacy.adaptive_clipping` (`pflm.config.AdaptiveClipConfig`); the run adds
+    the initial C, the budget's total σ, the expected cohort m̄ and the noise cohort M.
     `clip_bound` is the C of the next round (the run's `DPMechanism.clip_bound_for` reads it); `on_server` releases the
     noisy count and computes the next C. State (C) round-trips through state_dict for exact resume.
     """
 
-    def __init__(self, config: AdaptiveClippingConfig, generator: SecureGaussian) -> None:
-        self.config = config
+    def __init__(
+        self,
+        settings: AdaptiveClipConfig,
+        initial_clip_bound: float,
+        noise_multiplier: float,
+        expected_cohort: int,
+        noise_cohort: int | None,
+        generator: SecureRandom,
+    ) -> None:
+        if not 0 < initial_clip_bound < math.inf:
+            raise ConfigError(f"initial_clip_bound={initial_clip_bound} is invalid: use a finite C > 0")
+        if not 0 <= noise_multiplier < math.inf:
+            raise ConfigError(f"noise_multiplier={noise_multiplier} is invalid: use a finite σ ≥ 0")
+        if expected_cohort < 1:
+            raise ConfigError(f"expected_cohort={expected_cohort} is invalid: give the configured cohort size")
+        if noise_cohort is not None and noise_cohort < 1:
+            raise ConfigError(f"noise_cohort={noise_cohort} is invalid: use a positive user count or None")
+        if settings.count_noise_std:
+            self.count_noise_std = float(settings.count_noise_std)
+        elif noise_cohort is not None:
+            self.count_noise_std = noise_cohort / 20.0  # the paper's default σ_b = M/20
+        else:
+            raise ConfigError("adaptive clipping needs count_noise_std or a noise cohort (σ_b = noise_cohort/20)")
+        self.settings = settings
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_cohort = int(expected_cohort)
+        self.noise_cohort = noise_cohort
         self.generator = generator
-        self.clip_bound = float(config.initial_clip_bound)
-
-    @property
-    def count_noise_std(self) -> float:
-        assert self.config.count_noise_std is not None
-        return float(self.config.count_noise_std)
+        self.clip_bound = float(initial_clip_bound)
+        update_noise_multiplier(self.noise_multiplier, self.count_noise_std)  # checks 2σ_b > σ
 
     @property
     def update_noise_multiplier(self) -> float:
         """σ_Δ for the GaussianNoisePostprocessor."""
-        return update_noise_multiplier(self.config.noise_multiplier, self.count_noise_std)
+        return update_noise_multiplier(self.noise_multiplier, self.count_noise_std)
 
     @property
     def accounting_noise_multipliers(self) -> tuple[float, float]:
@@ -122,8 +112,8 @@ class AdaptiveClipping(L2Clip):
         return clipped, aux
 
     def on_server(self, agg: AggregateResult, ctx: RoundContext) -> tuple[AggregateResult, dict[str, float]]:
-        m = self.config.expected_cohort
-        big_m = self.config.noise_cohort or m
+        m = self.expected_cohort
+        big_m = self.noise_cohort or m
         std = self.count_noise_std * m / big_m
         noise = 0.0
         if std > 0:
@@ -131,7 +121,7 @@ class AdaptiveClipping(L2Clip):
         noisy_count = float(agg.aux.get(AUX_KEY, 0.0)) + noise
         frac = noisy_count / m
         used = float(ctx.clip_bound)
-        self.clip_bound = used * math.exp(-self.config.learning_rate * (frac - self.config.target_quantile))
+        self.clip_bound = used * math.exp(-self.settings.learning_rate * (frac - self.settings.target_quantile))
         aux = dict(agg.aux)
         aux[AUX_KEY] = noisy_count  # only the noised count leaves this step
         metrics = {

@@ -14,7 +14,7 @@ from typing import Any
 from pflm.config import RecipeConfig
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import PrivacyBudget, RunningAccountant, combine_noise_multipliers, epsilon_from_history
-from pflm.privacy.adaptive import AdaptiveClipping, AdaptiveClippingConfig
+from pflm.privacy.adaptive import AdaptiveClipping
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.guard import BudgetGuard
 from pflm.privacy.clipping import L2Clip
@@ -104,13 +104,7 @@ class DPMechanism:
         ac = p.adaptive_clipping
         if ac.enabled:
             self.adaptive = AdaptiveClipping(
-                AdaptiveClippingConfig(
-                    initial_clip_bound=p.clip_bound, noise_multiplier=self.noise_multiplier,
-                    target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
-                    count_noise_std=ac.count_noise_std or None, noise_cohort=self.noise_cohort,
-                    expected_cohort=self.expected_cohort,
-                ),
-                self.generator,
+                ac, p.clip_bound, self.noise_multiplier, self.expected_cohort, self.noise_cohort, self.generator
             )
             clip: Postprocessor = self.adaptive
             update_sigma = self.adaptive.update_noise_multiplier
