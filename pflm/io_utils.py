@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from glob import escape as glob_escape
 import json
 import os
 import shutil
@@ -40,10 +41,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory next to `final`; on success rename it into place, on error remove it.
 
-    The final directory either appears complete or not at all.
+    The final directory either appears complete or not at all. Leftovers of an earlier attempt that was killed
+    (`kill -9` cannot run the cleanup) are removed first, so an interrupted command leaves nothing behind for long.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob_escape(final.name)}.*"):
+        if stale.is_dir() and (stale.name.endswith(".tmp") or stale.name == f".{final.name}.old"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp

@@ -80,3 +80,19 @@ def test_kill_9_then_rerun_gives_same_final_weights(synthetic_data, tmp_path):
     _same_weights(tmp_path / "killed" / "tiny_synthetic", tmp_path / "ref" / "tiny_synthetic")
     summary = json.loads((tmp_path / "killed" / "tiny_synthetic" / "summary.json").read_text())
     assert summary["epsilon"] == ref_summary["epsilon"]
+
+
+def test_resume_refuses_a_changed_recipe_and_records_allowed_changes(synthetic_data, tmp_path):
+    """Issue 22: continuing a run under a different clip bound / lr would make the ε so far describe other settings."""
+    from pflm.errors import PflmError
+
+    base = {**DP, "server.rounds": 2}
+    Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path), **base))).run(progress=False)
+    for key, value in (("privacy.clip_bound", 0.5), ("server.lr", 0.1), ("seed", 3)):
+        with pytest.raises(PflmError, match=f"different recipe.*{key}.*name=NEW_NAME"):
+            Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path), **{**base, key: value})))
+    more = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path), **{**base, "server.rounds": 3})))
+    more.run(progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "tiny_synthetic" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in rows] == [0, 1, 2]
+    assert rows[2]["recipe_changes"] == {"server.rounds": [2, 3]}

@@ -146,3 +146,27 @@ def test_cli_subprocess_prints_exactly_one_line(tmp_path: Path) -> None:
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "vocab size 9000" in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_prepare_cleans_what_a_killed_prepare_left(tmp_path):
+    """Issue 22: kill -9 during `pflm prepare` leaves a hidden .NAME.*.tmp directory; the next prepare removes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "synth"
+    cmd = [sys.executable, "-m", "pflm", "prepare", "--corpus", "synthetic", "--num-users", "3000",
+           "--vocab-size", "300", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".synth.*.tmp")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".synth.*.tmp")), "prepare finished or never started its temp dir; the test proves nothing"
+    small = [*cmd[:7], "200", *cmd[8:]]  # --num-users 200
+    subprocess.run(small, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]

@@ -20,6 +20,7 @@ RELEASED = frozenset({
     "round", "epsilon", "noise_std_sum", "noise_std_mean", "noise_norm_mean", "update_norm",
     "clip_bound", "next_clip_bound", "noisy_unclipped_fraction", "count_noise_std",
     "val_perplexity", "val_word_perplexity", "seconds", "failed", "releases_of_round", "secagg_quant_step",
+    "recipe_changes",
 })
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 DIAGNOSTICS_HEADER = ("# NOT PRIVATE: exact per-round values computed from the training users' data without DP "

@@ -26,6 +26,7 @@ from pflm.driver import artifacts
 from pflm.driver.checkpoint import load_checkpoint, save_checkpoint
 from pflm.driver.fanout import DeviceFanout
 from pflm.driver.metrics import DIAGNOSTICS_FILE, RoundLog
+from pflm.driver.recipe_check import recipe_changes
 from pflm.errors import AggregationFailed, PflmError
 from pflm.evaluation.perplexity import evaluate, load_eval_set, unigram_baseline
 from pflm.io_utils import atomic_write_json, atomic_write_text
@@ -92,6 +93,7 @@ class RunDriver:
         fanout.attach(self)
 
     def _check_compatible_run(self) -> None:
+        self.recipe_changes = recipe_changes(self.run_dir, self.cfg, artifacts.RECIPE_FILE)
         ptr = self.run_dir / artifacts.DATA_INFO_FILE
         if ptr.exists():
             old = json.loads(ptr.read_text())
@@ -165,6 +167,8 @@ class RunDriver:
                     stop_reason = reason
                     break
                 m = self.run_round(r)
+                if self.recipe_changes and r == start:  # recorded once, with the first round run under them
+                    m["recipe_changes"] = self.recipe_changes
                 if (r + 1) % cfg.server.eval_every == 0 or r + 1 == rounds:
                     with torch_threads(self.all_threads):
                         last_val = evaluate(self.server.model, self.val_set)
