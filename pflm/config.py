@@ -176,6 +176,24 @@ class FlowerConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Simulated device faults of the in-process backend: each faulty device is dropped and counted, the round goes on.
+
+    Probabilities per (round, device), drawn from the run key. A dropped device never lowers the noise (its std
+    follows the expected cohort), so accounting is unchanged; the server rejects corrupt uploads it can inspect."""
+
+    device_crash: float = 0.0  # the device raises during local training (nothing is uploaded)
+    straggler: float = 0.0  # the device misses the round deadline: its upload never counts (its training is skipped)
+    corrupt_update: float = 0.0  # the device uploads a corrupt vector: NaN, wrong length or an oversized norm, in turn
+
+    def __post_init__(self) -> None:
+        for name in ("device_crash", "straggler", "corrupt_update"):
+            _check(0 <= getattr(self, name) < 1, f"faults.{name} must be a probability in [0, 1)")
+        _check(self.device_crash + self.straggler + self.corrupt_update < 1,
+               "faults.device_crash + faults.straggler + faults.corrupt_update must stay below 1")
+
+
+@dataclass
 class RecipeConfig:
     name: str = "run"
     seed: int = 0
@@ -193,6 +211,7 @@ class RecipeConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")

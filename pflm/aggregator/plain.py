@@ -23,6 +23,7 @@ class PlainSumAggregator(Aggregator):
         self._count = 0
         self._aux: dict[str, float] = {}
         self._seen: set[int] = set()
+        self._rejected = 0
 
     def upload(self, device_id: int, update: torch.Tensor, weight: float, aux: dict[str, float] | None = None) -> Upload:
         assert self._ctx is not None, "begin() not called"
@@ -39,14 +40,26 @@ class PlainSumAggregator(Aggregator):
             raise AggregationFailed(f"device {device_id} sent two updates in round {self._ctx.round}")
         self._seen.add(device_id)
         update, weight, aux = upload.payload
+        if not self._acceptable(update, weight):  # a faulty or malicious device: reject it, keep the round
+            self._rejected += 1
+            return
         self._total.add_(update)
         self._weight += weight
         self._count += 1
         for k, v in aux.items():
             self._aux[k] = self._aux.get(k, 0.0) + float(v)
 
+    def _acceptable(self, update: torch.Tensor, weight: float) -> bool:
+        """What the server can check of a plaintext update: its length, finiteness and clipped norm (≤ C·weight)."""
+        assert self._ctx is not None
+        if update.numel() != self._ctx.dim or not torch.isfinite(update).all():
+            return False
+        bound = float(self._ctx.clip_bound) * max(float(weight), 0.0)
+        return bound == float("inf") or float(update.double().norm()) <= bound * (1 + 1e-6)
+
     def finalize(self) -> AggregateResult:
         assert self._total is not None
         if self._count == 0:
             raise AggregationFailed("no device contributed an update this round")
-        return AggregateResult(self._total, self._weight, self._count, dict(self._aux))
+        metrics = {"rejected_uploads": float(self._rejected)} if self._rejected else {}
+        return AggregateResult(self._total, self._weight, self._count, dict(self._aux), metrics)

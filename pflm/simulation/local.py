@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import traceback
+
 import numpy as np
 
 from pflm.aggregator.base import Aggregator
 from pflm.device.trainer import DeviceTrainer
 from pflm.device.update import device_update
 from pflm.driver.fanout import DeviceFanout, RoundTally
+from pflm.errors import PflmError
 from pflm.privacy.clipping import NonFiniteUpdate
 from pflm.round import RoundPlan
 from pflm.secure_random import subkey
 from pflm.simulation.devices import DevicePool
+from pflm.simulation.faults import DROPPED_UNTRAINED, FaultPlan, corrupt_upload
 
 if TYPE_CHECKING:
     from pflm.driver.run import RunDriver
@@ -25,6 +29,7 @@ class LocalDevices(DeviceFanout):
 
     def attach(self, driver: RunDriver) -> None:
         self.driver = driver
+        self.faults = FaultPlan(driver.cfg.faults, driver.run_key, driver.cfg.aggregation.kind)
         self.pool = DevicePool(driver.cfg, driver.vocab_size, driver.server.prior_counts, driver.workers)
         self.trainer: DeviceTrainer = self.pool.trainers[0]
 
@@ -42,24 +47,41 @@ class LocalDevices(DeviceFanout):
         tally = RoundTally()
         nonfinite = 0
         device_eps: list[float] = []  # sample-level ε of each device's DP-SGD (not the user-level ε)
-        for user, out in self.pool.map(device, plan.cohort):  # in cohort order: the sum is order-exact
+        faults = self.faults.plan(plan.round, plan.cohort)
+        for user, out in self.pool.map(device, [u for u in plan.cohort if faults.get(u) not in DROPPED_UNTRAINED]):
             if isinstance(out, NonFiniteUpdate):
                 nonfinite += 1
                 aggregator.drop(user)
                 continue
             if isinstance(out, BaseException):
-                raise out
+                raise self._bug(plan.round, user, out)
             res, upload = out
+            if user in faults:  # a simulated corrupt upload replaces the honest one
+                upload = corrupt_upload(upload, faults[user], plan.ctx.dim)
             aggregator.receive(upload)
             if "device_sample_epsilon" in res.metrics:
                 device_eps.append(float(res.metrics["device_sample_epsilon"]))
             tally.loss_sum += res.train_loss * res.num_tokens
             tally.tokens += res.num_tokens
-        tally.metrics = {"cohort": len(plan.cohort), "nonfinite_dropped": nonfinite}
+        for user, kind in faults.items():
+            if kind in DROPPED_UNTRAINED:
+                aggregator.drop(user)
+        tally.metrics = {"cohort": len(plan.cohort), "nonfinite_dropped": nonfinite, **self.faults.counts(faults)}
         if device_eps:  # a different guarantee from the user-level "epsilon": per sentence, per device and round
             tally.metrics["device_sample_epsilon_max"] = max(device_eps)
             tally.metrics["device_sample_epsilon_median"] = float(np.median(device_eps))
         return tally
+
+    def _bug(self, round_idx: int, user: int, err: BaseException) -> PflmError:
+        """A real exception in device code is a bug, not a simulated fault: keep the traceback in the run's
+        error.log and stop the run with one line."""
+        log = self.driver.run_dir / "error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"round {round_idx}, device {user}:\n")
+            f.write("".join(traceback.format_exception(err)))
+        return PflmError(f"device {user} failed in round {round_idx} ({type(err).__name__}: {err}); "
+                         f"traceback in {log}")
 
     def close(self) -> None:
         self.pool.close()
