@@ -96,3 +96,34 @@ def test_resume_refuses_a_changed_recipe_and_records_allowed_changes(synthetic_d
     rows = [json.loads(x) for x in (tmp_path / "tiny_synthetic" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in rows] == [0, 1, 2]
     assert rows[2]["recipe_changes"] == {"server.rounds": [2, 3]}
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(synthetic_data, tmp_path, monkeypatch):
+    """Issue 22: ENOSPC while writing a checkpoint: one clear error, the previous checkpoint stays valid, and
+    rerunning the same command resumes from it."""
+    import errno
+
+    import pflm.driver.checkpoint as ck
+    from pflm.errors import PflmError
+
+    args = tiny_overrides(synthetic_data, str(tmp_path), **{**DP, "server.rounds": 4})
+    real, calls = ck.save_file, {"n": 0}
+
+    def full_disk(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint (after round 3) hits a full disk half-way
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(PflmError, match="No space left on device.*previous checkpoint is intact"):
+        Simulator(load_recipe(RECIPE, args)).run(progress=False)
+    run = tmp_path / "tiny_synthetic"
+    assert json.loads((run / "checkpoint.json").read_text())["round"] == 2
+    assert not list(run.glob(".checkpoint-*.tmp"))
+    assert ck.load_checkpoint(run) is not None  # the pointer's file passes its hash check
+    monkeypatch.setattr(ck, "save_file", real)
+    summary = Simulator(load_recipe(RECIPE, args)).run(progress=False)
+    assert summary["rounds"] == 4

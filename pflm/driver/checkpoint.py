@@ -30,19 +30,37 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, round_idx: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint of round `round_idx`; on a full disk or an unwritable directory the previous
+    checkpoint stays the valid one and a PflmError says what to fix."""
     name = f"checkpoint-{round_idx:06d}.safetensors"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    atomic_write_json(run_dir / POINTER, {"round": round_idx, "file": name, "sha256": _sha256(final), "meta": meta})
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        atomic_write_json(run_dir / POINTER, {"round": round_idx, "file": name, "sha256": _sha256(final), "meta": meta})
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if final.exists() and not _points_to(run_dir, name):
+            final.unlink(missing_ok=True)
+        raise PflmError(
+            f"could not write the checkpoint of round {round_idx} in {run_dir} ({e.strerror or e}); the previous "
+            "checkpoint is intact: free disk space or make the directory writable, then rerun the same command"
+        ) from None
     for old in run_dir.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
     return final
+
+
+def _points_to(run_dir: Path, name: str) -> bool:
+    try:
+        return json.loads((run_dir / POINTER).read_text()).get("file") == name
+    except (OSError, ValueError):
+        return False
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
