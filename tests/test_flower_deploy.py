@@ -1,4 +1,4 @@
-"""Real Flower deployment on loopback: flower-superlink + 2 flower-supernode processes + `flwr run` of pflm's app.
+"""Real Flower deployment on loopback: flower-superlink + 2–3 flower-supernode processes + `flwr run` of pflm's app.
 
 Every process runs in its own session and is terminated by process group at the end (pass or fail); ports are
 chosen free; the Flower home (config.toml with the SuperLink connection, installed FABs) is a temp dir.
@@ -66,9 +66,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             pass
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink", path=str(BIN)) is None, reason="flwr CLI not installed in this env")
-def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
-    link_port, node_ports = _free_port(), [_free_port(), _free_port()]
+def _deploy(synthetic_data: str, tmp_path: Path, extra: dict, n_nodes: int) -> Path:
+    """Run the recipe on a loopback SuperLink with `n_nodes` SuperNodes; return the run dir (summary written)."""
+    link_port, node_ports = _free_port(), [_free_port() for _ in range(n_nodes)]
     home, logs = tmp_path / "flwr_home", tmp_path / "logs"
     home.mkdir()
     logs.mkdir()
@@ -80,9 +80,6 @@ def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
                FLWR_TELEMETRY_ENABLED="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out_dir = tmp_path / "runs_flower"
-    # one round: multi-round state is covered by test_flower_sim/test_flower_server; each round here costs a
-    # fresh flwr-clientapp process (torch import) per SuperNode
-    extra = {"server.rounds": 1, "server.cohort_size": 5, "flower.num_supernodes": 2, "server.sampling": "fixed"}
     overrides = tiny_overrides(synthetic_data, str(out_dir), **extra)
 
     procs: list[subprocess.Popen] = []
@@ -103,7 +100,7 @@ def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
         _wait_port(link_port, link, 60)
         for i, port in enumerate(node_ports):
             spawn(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--port", str(port), "--node-config", f"partition-id={i} num-partitions=2")
+                  "--port", str(port), "--node-config", f"partition-id={i} num-partitions={n_nodes}")
         run_config = f"recipe='{RECIPE}' overrides='{' '.join(overrides)}' node-wait=120.0"
         started = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", run_config],
                                  env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -117,7 +114,10 @@ def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
     finally:
         _stop(procs)
     assert all(p.poll() is not None for p in procs)
+    return run_dir
 
+
+def _same_model_as_inprocess(synthetic_data: str, tmp_path: Path, extra: dict, run_dir: Path) -> None:
     ref_cfg = load_recipe(str(RECIPE), tiny_overrides(synthetic_data, str(tmp_path / "runs_inproc"), **extra))
     Simulator(ref_cfg).run(progress=False)
     a = load_file(str(run_dir / "model.safetensors"))
@@ -125,5 +125,29 @@ def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+NO_FLWR = shutil.which("flower-superlink", path=str(BIN)) is None
+
+
+@pytest.mark.skipif(NO_FLWR, reason="flwr CLI not installed in this env")
+def test_loopback_deployment_matches_inprocess(synthetic_data, tmp_path):
+    # one round: multi-round state is covered by test_flower_sim/test_flower_server; each round here costs a
+    # fresh flwr-clientapp process (torch import) per SuperNode
+    extra = {"server.rounds": 1, "server.cohort_size": 5, "flower.num_supernodes": 2, "server.sampling": "fixed"}
+    run_dir = _deploy(synthetic_data, tmp_path, extra, 2)
+    _same_model_as_inprocess(synthetic_data, tmp_path, extra, run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"contributors": 5' in lines[-1]
+
+
+@pytest.mark.skipif(NO_FLWR, reason="flwr CLI not installed in this env")
+def test_loopback_deployment_secure_aggregation_on_the_nodes(synthetic_data, tmp_path):
+    """3 SuperNodes run the device half of SecAgg (each stage in a fresh flwr-clientapp process: the device
+    secrets survive between stages only in the node's context.state); same model as the in-process secure run."""
+    extra = {"server.rounds": 1, "server.cohort_size": 6, "flower.num_supernodes": 3, "server.sampling": "fixed",
+             "aggregation.kind": "secure"}
+    run_dir = _deploy(synthetic_data, tmp_path, extra, 3)
+    _same_model_as_inprocess(synthetic_data, tmp_path, extra, run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"contributors": 6' in lines[-1] and '"secagg_survivors": 6.0' in lines[-1]

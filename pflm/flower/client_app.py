@@ -6,6 +6,10 @@ first asks every node for its partition (`query` message), then each round sends
 message with the round plan and the cohort users it owns; the node runs `pflm.flower.device.train_users`
 (DeviceTrainer + clipping via `pflm.device.update.device_update`) and replies with the clipped vectors.
 
+With secure aggregation (`aggregation.kind=secure`, `mode=full`) the ServerApp sends `train.secagg_<stage>`
+messages instead (advertise, share, receive, train, sign, unmask): the device half of the protocol runs here
+(`pflm.flower.secure_node`), with the devices' secrets kept in `context.state` between stages.
+
 torch and the trainer are imported only when a train message arrives: a deployed SuperNode starts a fresh
 `flwr-clientapp` process per message, so the partition query stays cheap. In simulation the Ray actor keeps
 the trainer between messages.
@@ -49,3 +53,54 @@ def train(msg: Message, context: Context) -> Message:
     st = node_state(task.recipe_json, task.population, str(data_dir) if data_dir else None)
     reply = train_users(st, task, partition.node_partition(context))
     return Message(codec.encode_reply(reply), reply_to=msg)
+
+
+# ---- secure aggregation: the device half of the protocol (pflm.flower.secure_node), one action per round ----
+@app.train("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    from pflm.flower import secure_node
+
+    return secure_node.advertise(msg, context, partition.node_partition(context))
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    from pflm.flower import secure_node
+
+    return secure_node.share(msg, context)
+
+
+@app.train("secagg_receive")
+def secagg_receive(msg: Message, context: Context) -> Message:
+    from pflm.flower import secure_node
+
+    return secure_node.receive(msg, context)
+
+
+@app.train("secagg_train")
+def secagg_train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from pflm.flower import codec, secure_node
+
+    threads = int(context.node_config.get(THREADS_KEY, 0) or 0) or int(
+        msg.content.config_records[codec.CONFIG]["threads"])
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    data_dir = context.node_config.get(DATA_DIR_KEY)
+    return secure_node.train(msg, context, partition.node_partition(context), threads,
+                             str(data_dir) if data_dir else None)
+
+
+@app.train("secagg_sign")
+def secagg_sign(msg: Message, context: Context) -> Message:
+    from pflm.flower import secure_node
+
+    return secure_node.sign(msg, context)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    from pflm.flower import secure_node
+
+    return secure_node.unmask(msg, context)

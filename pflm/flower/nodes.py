@@ -3,7 +3,9 @@
 Each round the driver's plan goes to every SuperNode that owns cohort users, as one `train` message naming only
 those users (never the whole cohort); the clipped updates they return are streamed into pflm's aggregator
 (`receive` / `drop`). Nodes that fail or time out lose only their own users. Discovery asks every node for its
-partition once.
+partition once. With secure aggregation (`mode=full`) `attach` installs a `RemoteSecureAggregator` as the
+driver's aggregator and each round runs the protocol's stages on the nodes (`pflm.flower.secure.SecureRound`):
+the ServerApp then receives masked vectors only.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from pflm.aggregator.base import Aggregator
+from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.config import RecipeConfig
 from pflm.driver.fanout import DeviceFanout, RoundTally
 from pflm.errors import PflmError
 from pflm.flower import codec, partition
+from pflm.flower.secure import SecureRound
 from pflm.round import RoundPlan
 from pflm.runtime import thread_plan
 
@@ -32,13 +36,46 @@ DEFAULT_ROUND_TIMEOUT = 3600.0
 DEFAULT_NODE_WAIT = 120.0
 
 
+def remote_secure_aggregator(driver: RunDriver, enabled: bool = True) -> RemoteSecureAggregator | None:
+    """The ServerApp's aggregator for `aggregation.kind=secure`, `aggregation.secagg.mode=full`: only the server
+    half of the protocol, the device half runs on the SuperNodes (None: keep the driver's own aggregator — plain
+    aggregation, `mode=simulate`, or `enabled=False`).
+
+    Its codec layout is fixed before any device encodes: the aux keys of the recipe's device postprocessors
+    (probed on a zero update, or `aggregation.secagg.aux_keys`) plus the side values (loss × tokens, tokens).
+    """
+    from pflm.aggregator.secagg import SecureAggregator
+
+    agg = driver.aggregator
+    if not enabled or not isinstance(agg, SecureAggregator) or agg.config.mode != "full":
+        return None
+    cfg = driver.cfg
+    keys = tuple(agg.config.aux_keys)
+    if not keys:
+        import torch
+
+        from pflm.privacy.mechanism import device_postprocessors
+        from pflm.round import RoundContext
+
+        probe = RoundContext(0, 4, [], 1.0, cfg.seed)
+        aux: dict[str, float] = {}
+        for step in device_postprocessors(cfg, driver.population):
+            _, a = step.on_device(torch.zeros(4), probe)
+            aux.update(a)
+        keys = tuple(sorted(aux))
+    max_sent = cfg.data.max_sentences_per_device
+    token_bound = float((cfg.data.max_tokens + 2) * max_sent) if max_sent > 0 else 1e6
+    return RemoteSecureAggregator(agg.config, seed=cfg.seed, aux_keys=keys, token_bound=token_bound)
+
+
 class FlowerNodes(DeviceFanout):
     """The device fan-out over a Flower `Grid`: each round, one `train` message per SuperNode that owns cohort
     users (naming only those users), and the clipped updates they return are streamed into the aggregator."""
 
     def __init__(self, grid: Grid, round_timeout: float = DEFAULT_ROUND_TIMEOUT,
-                 node_wait: float = DEFAULT_NODE_WAIT) -> None:
+                 node_wait: float = DEFAULT_NODE_WAIT, secagg_on_nodes: bool = True) -> None:
         self.grid = grid
+        self.secagg_on_nodes = secagg_on_nodes
         self.round_timeout = round_timeout
         self.node_wait = node_wait
         self.node_of_partition: dict[int, int] = {}
@@ -49,10 +86,14 @@ class FlowerNodes(DeviceFanout):
         return 1, total, total
 
     def attach(self, driver: RunDriver) -> None:
+        """Also replaces the driver's aggregator for secure aggregation (see `remote_secure_aggregator`)."""
         self.cfg = driver.cfg
         self.population = driver.population
         self.recipe_json = codec.recipe_payload(driver.cfg)
         self.threads = max(1, int(driver.cfg.flower.cpus_per_client))  # torch threads per ClientApp
+        remote = remote_secure_aggregator(driver, self.secagg_on_nodes)
+        if remote is not None:
+            driver.aggregator = remote
 
     # ---- node discovery ---------------------------------------------------------------------------------------
     def discover(self) -> dict[int, int]:
@@ -97,6 +138,8 @@ class FlowerNodes(DeviceFanout):
     def train_round(self, plan: RoundPlan, agg: Aggregator) -> RoundTally:
         if not self.node_of_partition:
             self.discover()
+        if isinstance(agg, RemoteSecureAggregator):  # the device half of SecAgg runs on the nodes
+            return SecureRound(self, plan, agg).run()
         r = plan.round
         n_parts = len(self.node_of_partition)
         share: dict[int, list[int]] = {}

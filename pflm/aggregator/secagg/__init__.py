@@ -35,11 +35,26 @@ computationally (X25519 / Ed25519 / AES-CTR / ChaCha20-Poly1305 / HKDF); the sum
 clear (add DP noise on top). `mode="simulate"` runs no cryptography: only where the server is trusted.
 """
 
-from pflm.aggregator.secagg.aggregator import SecureAggregator, make_secure_aggregator
+from typing import TYPE_CHECKING
+
 from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
 from pflm.aggregator.secagg.config import SecAggConfig
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.aggregator.secagg.params import SecAggParameters, secagg_parameters
+
+if TYPE_CHECKING:
+    from pflm.aggregator.secagg.aggregator import SecureAggregator, make_secure_aggregator
+
+
+def __getattr__(name: str):
+    """`SecureAggregator` / `make_secure_aggregator` import torch: loaded on first use, so a device that only
+    runs the protocol (a Flower ClientApp's key-exchange stages) starts without torch."""
+    if name in ("SecureAggregator", "make_secure_aggregator"):
+        from pflm.aggregator.secagg import aggregator
+
+        return getattr(aggregator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DeviceIdentity",

@@ -93,7 +93,7 @@ class ChunkEncoder:
         self.codec, self.update, self.key = codec, update, key
         self.tail = np.empty(codec.length - d, dtype=np.float64)
         self.tail[0] = weight * (L / codec.weight_bound)
-        self.tail[1:-1] = [float(aux.get(k, 0.0)) * (L / codec.aux_bound) for k in codec.aux_keys]
+        self.tail[1:-1] = [float(aux.get(k, 0.0)) * (L / b) for k, b in zip(codec.aux_keys, codec.aux_bound_list)]
         self.tail[-1] = 0.0
         self.clamped = 0
         self.finite = True
@@ -170,8 +170,11 @@ class FixedPointCodec:
     aux_keys: tuple[str, ...]
     aux_bound: float
     workers: int = 1  # threads that encode disjoint ranges of the vector
+    aux_bounds: tuple[float, ...] = ()  # per-key bounds of the aux scalars (empty: aux_bound for every key)
 
     def __post_init__(self) -> None:
+        if self.aux_bounds and len(self.aux_bounds) != len(self.aux_keys):
+            raise ValueError("aux_bounds must give one bound per aux key")
         if self.level < 1:
             raise AggregationFailed(
                 f"bits={self.bits} is too small for a cohort of {self.cohort_size}: raise aggregation.secagg.bits"
@@ -187,6 +190,10 @@ class FixedPointCodec:
         return min(((1 << (self.bits - 1)) - 1) // max(self.cohort_size, 1), MAX_LEVEL)
 
     @property
+    def aux_bound_list(self) -> tuple[float, ...]:
+        return tuple(self.aux_bounds) or (self.aux_bound,) * len(self.aux_keys)
+
+    @property
     def length(self) -> int:
         return self.dim + 2 + len(self.aux_keys)
 
@@ -198,7 +205,7 @@ class FixedPointCodec:
         s = np.empty(self.length, dtype=np.float64)
         s[: self.dim] = self.value_scale
         s[self.dim] = self.level / self.weight_bound
-        s[self.dim + 1 : -1] = self.level / self.aux_bound
+        s[self.dim + 1 : -1] = [self.level / b for b in self.aux_bound_list]
         s[-1] = 1.0  # clamp counter: plain integers
         return s
 

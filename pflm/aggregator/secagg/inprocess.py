@@ -1,7 +1,7 @@
 """The full protocol's message exchange in one process: simulated devices (`SecAggClient`) talk to `SecAggServer`.
 
-A Flower deployment would carry each of these calls in one Message-API round (the device half runs in the
-ClientApp); here they are direct calls. A device that refuses a request (`ProtocolViolation`) leaves the round
+Over Flower each of these calls is one Message-API round (`pflm/flower/secure.py`, the device half in the
+ClientApp: `pflm/flower/secure_node.py`); here they are direct calls. A device that refuses a request (`ProtocolViolation`) leaves the round
 and is recorded in `refusals`; the round goes on without it and fails safely below the threshold.
 """
 

@@ -1,0 +1,291 @@
+"""The device half of secure aggregation on a Flower SuperNode: one handler per protocol round.
+
+Each handler reads the round's request (`secagg` ConfigRecord: one JSON blob, `pflm.aggregator.secagg.wire`),
+restores the node's devices (`SecAggClient`, one per cohort user of this node, under a per-round pseudonym) from
+`context.state`, runs the client method, writes the devices back to `context.state` and replies with what the
+server may see. `context.state` is Flower's per-node RecordDict: it stays on the node (a deployed SuperNode hands it
+to each fresh `flwr-clientapp` process and keeps what it returns), so the devices' X25519 private keys,
+self-mask seeds and received shares never cross the wire. A device that refuses a request (`ProtocolViolation`)
+is reported in `refused` and sends nothing more; its state is kept (marked failed) so it keeps refusing.
+
+The `train` stage trains the node's users (the same `device_update` as the plain path), shrinks each clipped
+update by the codec's rounding slack (`fit_norm`), encodes it in fixed point with a device-side rounding key and
+masks it: the reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
+refused. Train loss and token counts go into the masked vector as side values (`remote.SIDE_KEYS`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from pflm.aggregator.secagg import wire
+from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
+from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
+from pflm.aggregator.secagg.masking import MaskStream
+from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
+from pflm.errors import PflmError
+from pflm.flower.partition import owner
+
+SECAGG = "secagg"  # the ConfigRecord holding a stage's JSON blob (requests and replies)
+MASKED = "masked"  # the ArrayRecord of masked vectors (train stage reply)
+STATE = "pflm.secagg"  # context.state ConfigRecord: the node's devices for the current session
+IDENTITIES = "pflm.secagg.identities"  # context.state ConfigRecord: user → long-term Ed25519 key (malicious variant)
+STAGES = ("advertise", "share", "receive", "train", "sign", "unmask")
+
+
+def blob_record(obj: dict) -> ConfigRecord:
+    return ConfigRecord({"blob": wire.pack(obj)})
+
+
+def read_blob(content: RecordDict) -> dict:
+    return wire.unpack(content.config_records[SECAGG]["blob"])
+
+
+def reply(msg: Message, obj: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({SECAGG: blob_record(obj)})
+    if arrays is not None:
+        content[MASKED] = arrays
+    return Message(content, reply_to=msg)
+
+
+# ------------------------------------------------------------------------------------------ node state
+class NodeDevices:
+    """The node's devices of the current session, as stored in `context.state` (device secrets stay here)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        rec = context.state.config_records.get(STATE) if STATE in context.state else None
+        self.session_id: bytes = bytes(rec["session-id"]) if rec is not None else b""
+        self.user_of: dict[int, int] = {}
+        self.blobs: dict[int, bytes] = {}
+        if rec is not None:
+            for k, v in rec.items():
+                if k.startswith("user."):
+                    self.user_of[int(k[5:])] = int(v)
+                elif k.startswith("dev."):
+                    self.blobs[int(k[4:])] = bytes(v)
+
+    def check_session(self, sid: str) -> None:
+        if not self.session_id or wire.unb64(sid) != self.session_id:
+            raise PflmError("this node holds no devices of the requested secure-aggregation session")
+
+    def client(self, pid: int) -> SecAggClient:
+        if pid not in self.blobs:
+            raise ProtocolViolation(f"device {pid} is not a device of this node in this session")
+        c = wire.restore_client(self.blobs[pid])
+        if c.session.malicious:
+            c.identity = self.identity(pid)
+        return c
+
+    def identity(self, pid: int) -> DeviceIdentity:
+        """The long-term signing key of the user behind pseudonym `pid` (enrolled on this node at first use; kept
+        in context.state across rounds, never sent)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        user = self.user_of[pid]
+        rec = self.context.state.config_records.get(IDENTITIES) if IDENTITIES in self.context.state else None
+        if rec is None:
+            rec = ConfigRecord()
+        if str(user) not in rec:
+            rec[str(user)] = Ed25519PrivateKey.generate().private_bytes_raw()
+            self.context.state[IDENTITIES] = rec
+        return DeviceIdentity(pid, Ed25519PrivateKey.from_private_bytes(bytes(rec[str(user)])))
+
+    def put(self, c: SecAggClient) -> None:
+        self.blobs[c.device_id] = wire.client_state(c)
+
+    def save(self) -> None:
+        rec = ConfigRecord({"session-id": self.session_id})
+        for pid, u in self.user_of.items():
+            rec[f"user.{pid}"] = u
+        for pid, b in self.blobs.items():
+            rec[f"dev.{pid}"] = b
+        self.context.state[STATE] = rec
+
+    def clear(self) -> None:
+        if STATE in self.context.state:
+            del self.context.state[STATE]
+
+
+def _each(devs: NodeDevices, pids, fn) -> tuple[dict, dict[str, str]]:
+    """Run fn(client) for each pseudonym; refusals are collected, the client's new state kept."""
+    out, refused = {}, {}
+    for pid in sorted(int(p) for p in pids):
+        try:
+            c = devs.client(pid)
+        except ProtocolViolation as e:
+            refused[str(pid)] = str(e)
+            continue
+        try:
+            out[pid] = fn(pid, c)
+        except ProtocolViolation as e:
+            refused[str(pid)] = str(e)
+        devs.put(c)
+    devs.save()
+    return out, refused
+
+
+# ------------------------------------------------------------------------------------------ stages
+def advertise(msg: Message, context: Context, partition: tuple[int, int] | None) -> Message:
+    req = read_blob(msg.content)
+    session = wire.session_from(req["session"])
+    config = SecAggConfig(**req["config"])
+    devices = [(int(u), int(p)) for u, p in req["devices"]]
+    if partition is not None:
+        pid_, n = partition
+        foreign = [u for u, _ in devices if owner(u, n) != pid_]
+        if foreign:
+            raise PflmError(f"users {foreign[:5]} do not belong to partition {pid_} of {n}")
+    devs = NodeDevices(context)
+    devs.clear()  # a new session: the previous round's devices (and their secrets) are gone
+    devs = NodeDevices(context)
+    devs.session_id = session.session_id
+    ads, refused, keys = {}, {}, {}
+    for u, pid in devices:
+        devs.user_of[pid] = u
+        identity = registry = None
+        if session.malicious or config.malicious:  # the registry arrives with the share request
+            identity = devs.identity(pid)
+            keys[str(pid)] = wire.b64(identity.public_key)
+            registry = DeviceRegistry({pid: identity.public_key})
+        try:
+            c = SecAggClient(pid, session, config, identity, registry)
+        except ProtocolViolation as e:
+            refused[str(pid)] = str(e)
+            continue
+        ads[pid] = wire.ad_to(c.advertise())
+        devs.put(c)
+    devs.save()
+    return reply(msg, {"ads": list(ads.values()), "refused": refused, "keys": keys})
+
+
+def share(msg: Message, context: Context) -> Message:
+    req = read_blob(msg.content)
+    devs = NodeDevices(context)
+    devs.check_session(req["session-id"])
+    ads = {int(d["u"]): wire.ad_from(d) for d in req["ads"]}
+    nbs = {int(p): [int(v) for v in nb] for p, nb in req["neighbours"].items()}
+    registry = wire.registry_from(req["registry"]) if req.get("registry") is not None else None
+
+    def share_keys(pid: int, c: SecAggClient):
+        if c.session.malicious:
+            if registry is None or not registry.verify(pid, c.identity.sign(b"pflm-own-key"), b"pflm-own-key"):
+                c._refuse("the round's key registry does not hold its own long-term key")
+            c.registry = registry
+        return c.share_keys(ads, nbs[pid])
+
+    out, refused = _each(devs, nbs, share_keys)
+    return reply(msg, {"outboxes": {str(p): [wire.share_to(m) for m in box.values()] for p, box in out.items()},
+                       "refused": refused})
+
+
+def receive(msg: Message, context: Context) -> Message:
+    req = read_blob(msg.content)
+    devs = NodeDevices(context)
+    devs.check_session(req["session-id"])
+    inboxes = {int(p): {int(m["from"]): wire.share_from(m) for m in box} for p, box in req["inboxes"].items()}
+    out, refused = _each(devs, inboxes, lambda pid, c: c.receive_shares(inboxes[pid]))
+    return reply(msg, {"complaints": {str(p): bad for p, bad in out.items()}, "refused": refused})
+
+
+def device_rounding_key(cfg, config: SecAggConfig, round_idx: int, user: int) -> bytes:
+    """The device's secret stochastic-rounding key: fresh from the OS CSPRNG; with `rounding=seeded` the public
+    SHA-256(seed, round, user); in `privacy.reproducible` mode the in-process simulator's seed-derived key."""
+    from pflm.secure_random import derive_key, new_key, subkey
+
+    if config.rounding == "seeded":
+        return rounding_key(cfg.seed, round_idx, user)
+    if getattr(cfg.privacy, "reproducible", False):
+        return subkey(subkey(derive_key(cfg.seed), "secagg-rounding"), "upload", round_idx, user)
+    return new_key()
+
+
+def train(msg: Message, context: Context, partition: tuple[int, int] | None, threads: int | None,
+          data_dir: str | None) -> Message:
+    from pflm.aggregator.secagg.remote import MAX_TOKEN_LOSS, SIDE_LOSS, SIDE_TOKENS
+    from pflm.device.update import device_update
+    from pflm.flower import codec
+    from pflm.flower.device import device_key, node_state
+    from pflm.privacy.clipping import NonFiniteUpdate
+
+    req = read_blob(msg.content)
+    devs = NodeDevices(context)
+    devs.check_session(req["session-id"])
+    task = codec.decode_train(msg.content)
+    devices = [(int(u), int(p)) for u, p in req["devices"]]
+    if any(devs.user_of.get(p) != u for u, p in devices):
+        raise PflmError("the train request pairs users and pseudonyms differently from the advertise request")
+    cp = req["codec"]
+    st = node_state(task.recipe_json, task.population, data_dir)
+    st.trainer.load_round(task.ctx.round, task.device_state, task.rows)
+    masked, nonfinite, refused = {}, [], {}
+    stream = fpc = None
+    token_bound = 0.0
+    for u, pid in devices:
+        try:
+            c = devs.client(pid)
+        except ProtocolViolation as e:
+            refused[str(pid)] = str(e)
+            continue
+        try:
+            s = c.session
+            if cp["bits"] != s.bits or cp["n"] != len(s.x_of) or cp["dim"] != task.ctx.dim:
+                raise ProtocolViolation(f"device {pid} refuses: the codec does not match the session "
+                                        "(bits, cohort size, dimension)")
+            if fpc is None:
+                fpc = FixedPointCodec(int(cp["bits"]), int(cp["n"]), int(cp["dim"]), float(cp["value_bound"]),
+                                      float(cp["weight_bound"]), tuple(cp["aux_keys"]), float(cp["aux_bound"]),
+                                      max(1, threads or 1), tuple(float(b) for b in cp["aux_bounds"]))
+                stream = MaskStream(fpc.length, s.bits, max(1, threads or 1))
+                token_bound = dict(zip(fpc.aux_keys, fpc.aux_bound_list)).get(SIDE_TOKENS, 0.0)
+            try:
+                key = device_key(st.cfg, task.ctx.round, u)
+                res, vec, aux = device_update(st.trainer, st.device_steps, task.ctx, u, st.fd.user_tokens("train", u), key)
+            except NonFiniteUpdate:
+                nonfinite.append(pid)
+                c._failed = "its update is not finite"  # the device leaves the round
+                continue
+            unknown = sorted(set(aux) - set(fpc.aux_keys))
+            if unknown:
+                raise PflmError(f"the device produced side values {unknown} outside the round's layout "
+                                f"{list(fpc.aux_keys)}: list every aux name in aggregation.secagg.aux_keys")
+            tokens = min(float(res.num_tokens), token_bound)
+            loss = min(max(float(res.train_loss), 0.0), MAX_TOKEN_LOSS)
+            aux = {**aux, SIDE_LOSS: loss * tokens if np.isfinite(loss) else 0.0, SIDE_TOKENS: tokens}
+            x = vec.detach().reshape(-1).cpu().numpy()
+            x = fpc.fit_norm(x, task.ctx.clip_bound * max(float(res.weight), 0.0))
+            rkey = device_rounding_key(st.cfg, c.config, task.ctx.round, u)
+            enc = fpc.encoder(x, float(res.weight), aux, rkey)
+            y = c.masked_input(enc, req["mask_lists"][str(pid)], stream)
+            if not enc.finite:
+                nonfinite.append(pid)
+                c._failed = "its update is not finite"
+                continue
+            masked[str(pid)] = Array(np.ascontiguousarray(y))
+        except ProtocolViolation as e:
+            refused[str(pid)] = str(e)
+        finally:
+            devs.put(c)
+    devs.save()
+    return reply(msg, {"nonfinite": nonfinite, "refused": refused}, ArrayRecord(array_dict=masked))
+
+
+def sign(msg: Message, context: Context) -> Message:
+    req = read_blob(msg.content)
+    devs = NodeDevices(context)
+    devs.check_session(req["session-id"])
+    u3 = [int(u) for u in req["u3"]]
+    out, refused = _each(devs, req["devices"], lambda pid, c: c.sign_survivors(u3))
+    return reply(msg, {"sigs": {str(p): wire.b64(s) for p, s in out.items()}, "refused": refused})
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    req = read_blob(msg.content)
+    devs = NodeDevices(context)
+    devs.check_session(req["session-id"])
+    reqs = {int(p): wire.request_from(r) for p, r in req["requests"].items()}
+    out, refused = _each(devs, reqs, lambda pid, c: c.unmask(reqs[pid]))
+    devs.clear()  # the round is over for this node: drop every device secret of the session
+    return reply(msg, {"responses": {str(p): wire.response_to(r) for p, r in out.items()}, "refused": refused})
