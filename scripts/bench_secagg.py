@@ -38,8 +38,8 @@ def make_updates(dim: int, clip: float) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(N_DISTINCT):
-        x = torch.randn(dim, generator=g)
-        out.append((x * (clip / x.norm())).float())
+        x = torch.randn(dim, generator=g, dtype=torch.float64)
+        out.append((x * (clip * (1 - 1e-7) / x.norm())).float())  # clipped as L2Clip does: float64 norm ≤ C
     return out
 
 
