@@ -1,4 +1,4 @@
-"""CPU budget helpers shared by the simulator's device workers and the secure aggregator's vector threads."""
+"""CPU budget helpers shared by the simulator's device workers and the secure aggregator's vector threads (no torch import)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
-
-import torch
 
 if TYPE_CHECKING:
     from pflm.config import RecipeConfig
@@ -37,6 +35,8 @@ def thread_plan(cfg: "RecipeConfig") -> tuple[int, int, int]:
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block (evaluation, the server step) with n torch threads, then restore the previous setting."""
+    import torch  # here, not at the top: protocol-only processes (a SecAgg device stage) never load torch
+
     before = torch.get_num_threads()
     if n != before:
         torch.set_num_threads(n)

@@ -38,19 +38,25 @@ def query(msg: Message, context: Context) -> Message:
     return Message(partition.encode_partition(pid, n), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _node_settings(context: Context, sent_threads: int) -> tuple[int, str | None]:
+    """(torch threads, data dir) of this node: its node config wins over what the server sent; threads applied."""
     import torch
 
+    threads = int(context.node_config.get(THREADS_KEY, 0) or 0) or int(sent_threads)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    data_dir = context.node_config.get(DATA_DIR_KEY)
+    return threads, str(data_dir) if data_dir else None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
     from pflm.flower import codec
     from pflm.flower.device import node_state, train_users
 
     task = codec.decode_train(msg.content)
-    threads = int(context.node_config.get(THREADS_KEY, task.threads) or 0)
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    data_dir = context.node_config.get(DATA_DIR_KEY)
-    st = node_state(task.recipe_json, task.population, str(data_dir) if data_dir else None)
+    _, data_dir = _node_settings(context, task.threads)
+    st = node_state(task.recipe_json, task.population, data_dir)
     reply = train_users(st, task, partition.node_partition(context))
     return Message(codec.encode_reply(reply), reply_to=msg)
 
@@ -79,17 +85,10 @@ def secagg_receive(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_train")
 def secagg_train(msg: Message, context: Context) -> Message:
-    import torch
-
     from pflm.flower import codec, secure_node
 
-    threads = int(context.node_config.get(THREADS_KEY, 0) or 0) or int(
-        msg.content.config_records[codec.CONFIG]["threads"])
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    data_dir = context.node_config.get(DATA_DIR_KEY)
-    return secure_node.train(msg, context, partition.node_partition(context), threads,
-                             str(data_dir) if data_dir else None)
+    threads, data_dir = _node_settings(context, msg.content.config_records[codec.CONFIG]["threads"])
+    return secure_node.train(msg, context, partition.node_partition(context), threads, data_dir)
 
 
 @app.train("secagg_sign")

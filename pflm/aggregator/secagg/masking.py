@@ -8,7 +8,6 @@ the GIL), each range processed in cache-sized chunks.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pflm.runtime import available_cpus
 
 _NONCE16 = bytes(16)  # every PRG key below is used for exactly one stream, so a fixed counter start is safe
 
@@ -34,15 +34,6 @@ def prg(key: bytes, block: int = 0):
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (as `pflm.runtime.available_cpus`, without importing torch: a device that
-    only runs the protocol starts faster)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def run_ranges(length: int, workers: int, align: int, work: Callable[[int, int, int], object]) -> list:
