@@ -157,7 +157,7 @@ def test_caller_tensor_is_not_modified_and_small_updates_pass_unchanged() -> Non
     agg.upload(COHORT[0], x, 1.0, {})
     assert torch.equal(x, before)
     small = (x * 0.5).numpy()
-    assert codec.fit_norm(small, C) is small  # well inside C − slack: encoded exactly as before
+    assert codec.shrink_factor(small, C) == 1.0  # well inside C − slack: encoded exactly as before
 
 
 def test_run_key_rounding_is_secret_but_reproducible() -> None:

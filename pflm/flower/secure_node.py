@@ -9,7 +9,7 @@ self-mask seeds and received shares never cross the wire. A device that refuses 
 is reported in `refused` and sends nothing more; its state is kept (marked failed) so it keeps refusing.
 
 The `train` stage trains the node's users (the same `device_update` as the plain path), shrinks each clipped
-update by the codec's rounding slack (`fit_norm`), encodes it in fixed point with a device-side rounding key and
+update by the codec's rounding slack (`shrink_factor`), encodes it in fixed point with a device-side rounding key and
 masks it: the reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
 refused. Train loss and token counts go into the masked vector as side values (`remote.SIDE_KEYS`).
 """
@@ -255,9 +255,9 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
             loss = min(max(float(res.train_loss), 0.0), MAX_TOKEN_LOSS)
             aux = {**aux, SIDE_LOSS: loss * tokens if np.isfinite(loss) else 0.0, SIDE_TOKENS: tokens}
             x = vec.detach().reshape(-1).cpu().numpy()
-            x = fpc.fit_norm(x, task.ctx.clip_bound * max(float(res.weight), 0.0))
+            shrink = fpc.shrink_factor(x, task.ctx.clip_bound * max(float(res.weight), 0.0))
             rkey = device_rounding_key(st.cfg, c.config, task.ctx.round, u)
-            enc = fpc.encoder(x, float(res.weight), aux, rkey)
+            enc = fpc.encoder(x, float(res.weight), aux, rkey, shrink)
             y = c.masked_input(enc, req["mask_lists"][str(pid)], stream)
             if not enc.finite:
                 nonfinite.append(pid)

@@ -9,7 +9,7 @@ full protocol's graph comes from the round's advertised keys; simulate uses a se
 full round, `ctx.extra["secagg_graph_seed"]`).
 
 Before encoding, each device scales its update to norm ≤ clip_bound·weight − the codec's rounding slack
-(`FixedPointCodec.fit_norm`), so no rounding outcome can raise a contribution's norm above the clip bound the
+(`FixedPointCodec.shrink_factor`), so no rounding outcome can raise a contribution's norm above the clip bound the
 accountant assumes; `begin` raises ConfigError when that slack would exceed 1% of the clip bound. Rounding keys
 are fresh OS-CSPRNG keys per upload (`rounding="urandom"`, the default), or — in a simulation that hands the
 aggregator its secret run key — subkey(run_key, "secagg-rounding", round, device): just as secret to anyone
@@ -239,9 +239,9 @@ class SecureAggregator(Aggregator):
                 "list every aux name in aggregation.secagg.aux_keys"
             )
         x = update.detach().reshape(-1).cpu().numpy()  # float32 view; encoded chunk by chunk
-        # The rounding must not raise the norm: shrink to ≤ C·weight − slack first (a copy; the caller's tensor
-        # is untouched). With uniform weighting the weight is 1 and the decoded contribution has norm ≤ C.
-        x = codec.fit_norm(x, ctx.clip_bound * max(float(weight), 0.0))
+        # The rounding must not raise the norm: encode f·x with ‖f·x‖ ≤ C·weight − slack (f applied inside the
+        # encoder; the caller's tensor is untouched). With uniform weighting the decoded contribution has norm ≤ C.
+        shrink = codec.shrink_factor(x, ctx.clip_bound * max(float(weight), 0.0))
         t0 = time.perf_counter()
         if self.config.rounding == "seeded":
             key = rounding_key(self._seed, ctx.round, u)  # public: reproducible, not secret
@@ -251,13 +251,13 @@ class SecureAggregator(Aggregator):
             key = rounding_key(None, ctx.round, u)  # fresh from the OS CSPRNG
         if self.config.mode == "full":
             assert self.server is not None
-            encoder = codec.encoder(x, float(weight), aux, key)
+            encoder = codec.encoder(x, float(weight), aux, key, shrink)
             payload = self.protocol.masked_input(u, encoder, self._upload_stream)
             if payload is None:
                 return Upload(u, excluded="refused")
             stage, finite, clamped = "masked_input", encoder.finite, encoder.clamped
         else:
-            enc = codec.encode(x, float(weight), aux, key)
+            enc = codec.encode(x, float(weight), aux, key, shrink)
             payload, stage, finite, clamped = enc.ints, "encode", enc.finite, enc.clamped
         with self._lock:
             self._secs[stage] += time.perf_counter() - t0
@@ -265,7 +265,7 @@ class SecureAggregator(Aggregator):
             return Upload(u, excluded="nonfinite")
         probe = None
         if self.config.measure_quant_error:  # an evenly spaced sample of coordinates (cheap for any dim)
-            probe = x[:: self._probe_stride(ctx.dim)].astype(np.float64)
+            probe = x[:: self._probe_stride(ctx.dim)].astype(np.float64) * shrink
             if clamped:
                 np.clip(probe, -codec.value_bound, codec.value_bound, out=probe)
         return Upload(u, payload, diagnostic=probe)
