@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pflm.aggregator.secagg.config import SecAggConfig
 from pflm.config_base import apply_overrides, from_dict, load_yaml, to_dict
 from pflm.errors import ConfigError
 from pflm.model.config import ModelConfig
@@ -138,7 +139,7 @@ class PrivacyConfig:
 @dataclass
 class AggregationConfig:
     kind: Literal["plain", "secure"] = "plain"
-    secagg: dict = field(default_factory=dict)  # options of pflm.aggregator.secagg.SecAggConfig
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)  # typed and validated with the rest of the recipe
 
 
 @dataclass
@@ -231,7 +232,7 @@ class RecipeConfig:
 
         if self.aggregation.kind == "secure" and self.server.weighting == "tokens":
             _check(
-                "max_weight" in self.aggregation.secagg,
+                self.aggregation.secagg.max_weight > 1,
                 "aggregation=secure with server.weighting=tokens needs aggregation.secagg.max_weight "
                 "(the largest token count a device may report) so weights are not clamped",
             )

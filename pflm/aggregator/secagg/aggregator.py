@@ -46,10 +46,12 @@ from pflm.secure_random import subkey
 QUANT_PROBES = 1 << 16  # coordinates compared with the float sum for secagg_quant_error_max (an even stride)
 
 
-def make_secure_aggregator(options: dict[str, Any] | None, seed: int | None = None,
+def make_secure_aggregator(options: SecAggConfig | dict[str, Any] | None, seed: int | None = None,
                            run_key: bytes | None = None) -> SecureAggregator:
-    """The recipe's `aggregation: secure` aggregator (options = the `aggregation.secagg` mapping); `run_key`: the
-    simulation's secret run key, which then keys the (default, secret) stochastic rounding of every upload."""
+    """The recipe's `aggregation: secure` aggregator (the typed `aggregation.secagg`, or a mapping of its options);
+    `run_key`: the simulation's secret run key, which keys the (default, secret) stochastic rounding of uploads."""
+    if isinstance(options, SecAggConfig):
+        return SecureAggregator(options, seed, run_key)
     return SecureAggregator.from_options(options, seed, run_key)
 
 
