@@ -8,7 +8,7 @@ from flwr.app import Context, RecordDict
 
 from pflm.config import load_recipe
 from pflm.errors import PflmError
-from pflm.flower import codec, partition
+from pflm.flower import codec, shards
 from pflm.flower.device import node_state, train_users
 from pflm.secure_random import subkey
 from pflm.device.update import device_update
@@ -23,13 +23,13 @@ def _ctx(**node_config) -> Context:
 
 
 def test_partition_from_node_config():
-    assert partition.node_partition(_ctx(**{"partition-id": 2, "num-partitions": 3})) == (2, 3)
+    assert shards.node_partition(_ctx(**{"partition-id": 2, "num-partitions": 3})) == (2, 3)
     with pytest.raises(PflmError, match="--node-config"):
-        partition.node_partition(_ctx())
+        shards.node_partition(_ctx())
     with pytest.raises(PflmError, match="outside"):
-        partition.node_partition(_ctx(**{"partition-id": 3, "num-partitions": 3}))
-    rd = partition.encode_partition(1, 4)
-    assert partition.decode_partition(rd) == (1, 4)
+        shards.node_partition(_ctx(**{"partition-id": 3, "num-partitions": 3}))
+    rd = shards.encode_partition(1, 4)
+    assert shards.decode_partition(rd) == (1, 4)
 
 
 def test_plan_and_reply_round_trip_exactly(synthetic_data, tmp_path):

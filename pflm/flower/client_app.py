@@ -1,6 +1,6 @@
 """Flower ClientApp: a SuperNode trains the users the ServerApp assigns to it with pflm's own device code.
 
-Each SuperNode owns one data partition (`pflm.flower.partition`: `partition-id` / `num-partitions` come from
+Each SuperNode owns one data partition (`pflm.flower.shards`: `partition-id` / `num-partitions` come from
 the node config, set automatically in simulation and with `--node-config` in a deployment). The ServerApp
 first asks every node for its partition (`query` message), then each round sends every node one `train`
 message with the round plan and the cohort users it owns; the node runs `pflm.flower.device.train_users`
@@ -24,7 +24,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pflm.flower import partition
+from pflm.flower import shards
 
 DATA_DIR_KEY = "data-dir"
 THREADS_KEY = "threads"
@@ -34,8 +34,8 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    pid, n = partition.node_partition(context)
-    return Message(partition.encode_partition(pid, n), reply_to=msg)
+    pid, n = shards.node_partition(context)
+    return Message(shards.encode_partition(pid, n), reply_to=msg)
 
 
 def _node_settings(context: Context, sent_threads: int) -> tuple[int, str | None]:
@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     task = codec.decode_train(msg.content)
     _, data_dir = _node_settings(context, task.threads)
     st = node_state(task.recipe_json, task.population, data_dir)
-    reply = train_users(st, task, partition.node_partition(context))
+    reply = train_users(st, task, shards.node_partition(context))
     return Message(codec.encode_reply(reply), reply_to=msg)
 
 
@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
 def secagg_advertise(msg: Message, context: Context) -> Message:
     from pflm.flower import secure_node
 
-    return secure_node.advertise(msg, context, partition.node_partition(context))
+    return secure_node.advertise(msg, context, shards.node_partition(context))
 
 
 @app.train("secagg_share")
@@ -88,7 +88,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
     from pflm.flower import codec, secure_node
 
     threads, data_dir = _node_settings(context, msg.content.config_records[codec.CONFIG]["threads"])
-    return secure_node.train(msg, context, partition.node_partition(context), threads, data_dir)
+    return secure_node.train(msg, context, shards.node_partition(context), threads, data_dir)
 
 
 @app.train("secagg_sign")

@@ -23,7 +23,7 @@ from pflm.data.store import FederatedData
 from pflm.device.trainer import DeviceTrainer
 from pflm.errors import PflmError
 from pflm.flower import codec
-from pflm.flower.partition import owner
+from pflm.flower.shards import owner
 from pflm.device.update import device_update
 from pflm.privacy.base import Postprocessor
 from pflm.privacy.clipping import NonFiniteUpdate

@@ -24,7 +24,7 @@ from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.config import RecipeConfig
 from pflm.driver.fanout import DeviceFanout, RoundTally
 from pflm.errors import PflmError
-from pflm.flower import codec, partition
+from pflm.flower import codec, shards
 from pflm.flower.secure import SecureRound
 from pflm.round import RoundPlan
 from pflm.runtime import thread_plan
@@ -109,7 +109,7 @@ class FlowerNodes(DeviceFanout):
                 )
             time.sleep(0.2)
             nodes = list(self.grid.get_node_ids())
-        msgs = [Message(partition.encode_query(), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)]
+        msgs = [Message(shards.encode_query(), dst_node_id=n, message_type=MessageType.QUERY) for n in sorted(nodes)]
         replies = list(self.grid.send_and_receive(msgs, timeout=self.node_wait))
         parts: dict[int, int] = {}
         sizes = set()
@@ -117,7 +117,7 @@ class FlowerNodes(DeviceFanout):
             if rep.has_error():
                 log(WARNING, "[pflm] node %s did not report its partition: %s", rep.metadata.src_node_id, rep.error.reason)
                 continue
-            pid, n = partition.decode_partition(rep.content)
+            pid, n = shards.decode_partition(rep.content)
             sizes.add(n)
             if pid in parts:
                 raise PflmError(f"two SuperNodes claim partition-id={pid}; give each node its own partition-id")
@@ -144,7 +144,7 @@ class FlowerNodes(DeviceFanout):
         n_parts = len(self.node_of_partition)
         share: dict[int, list[int]] = {}
         for user in plan.cohort:
-            share.setdefault(partition.owner(user, n_parts), []).append(user)
+            share.setdefault(shards.owner(user, n_parts), []).append(user)
         parts = sorted(share)
         msgs = [
             Message(

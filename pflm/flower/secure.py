@@ -27,7 +27,7 @@ from flwr.common import log
 from pflm.aggregator.secagg import wire
 from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.driver.fanout import RoundTally
-from pflm.flower import codec, partition
+from pflm.flower import codec, shards
 from pflm.flower.secure_node import MASKED, SECAGG, blob_record, read_blob
 from pflm.round import RoundPlan
 
@@ -74,7 +74,7 @@ class SecureRound:
         n_parts = len(fan.node_of_partition)
         self.pids_of: dict[int, list[int]] = {}
         for u in plan.cohort:
-            self.pids_of.setdefault(partition.owner(u, n_parts), []).append(agg.pseudonym[int(u)])
+            self.pids_of.setdefault(shards.owner(u, n_parts), []).append(agg.pseudonym[int(u)])
         self.node_failed: set[int] = set()  # pseudonyms lost with their node
         self.nonfinite: set[int] = set()
         self._last_contents: dict[int, RecordDict] = {}

@@ -26,7 +26,7 @@ from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.masking import MaskStream
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.errors import PflmError
-from pflm.flower.partition import owner
+from pflm.flower.shards import owner
 
 SECAGG = "secagg"  # the ConfigRecord holding a stage's JSON blob (requests and replies)
 MASKED = "masked"  # the ArrayRecord of masked vectors (train stage reply)
