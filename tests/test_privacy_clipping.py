@@ -15,7 +15,7 @@ from pflm.privacy.accountant import RunningAccountant, combine_noise_multipliers
 from pflm.config import AdaptiveClipConfig
 from pflm.privacy.adaptive import AdaptiveClipping, update_noise_multiplier
 from pflm.privacy.clipping import L2Clip, NonFiniteUpdate, clip_l2, l2_norm
-from pflm.privacy.noise import SecureGaussian, derive_key
+from pflm.secure_random import SecureRandom, derive_key
 
 
 def _ctx(clip: float, dim: int, round_: int = 0, m: int = 1) -> RoundContext:
@@ -81,7 +81,7 @@ def _adaptive(seed: int = 0, *, initial_clip_bound: float, noise_multiplier: flo
               noise_cohort: int | None = None, **settings) -> AdaptiveClipping:
     """AdaptiveClipping from the recipe's settings plus what the run supplies (C₀, σ, m̄, M)."""
     return AdaptiveClipping(AdaptiveClipConfig(enabled=True, **settings), initial_clip_bound, noise_multiplier,
-                            expected_cohort, noise_cohort, SecureGaussian(derive_key(seed)))
+                            expected_cohort, noise_cohort, SecureRandom(derive_key(seed)))
 
 
 def test_config_defaults_and_validation():

@@ -11,13 +11,14 @@ from scipy import stats
 
 from pflm.round import AggregateResult, RoundContext
 from pflm.errors import ConfigError
-from pflm.privacy.noise import GaussianNoisePostprocessor, SecureGaussian, derive_key
+from pflm.privacy.noise import GaussianNoisePostprocessor
+from pflm.secure_random import SecureRandom, derive_key
 
 N = 200_000
 
 
-def _gen(seed: int = 7) -> SecureGaussian:
-    return SecureGaussian(derive_key(seed))
+def _gen(seed: int = 7) -> SecureRandom:
+    return SecureRandom(derive_key(seed))
 
 
 def test_standard_normal_distribution():
@@ -64,7 +65,7 @@ def test_derive_key():
     assert derive_key(1) == derive_key(1) != derive_key(2)
     assert len(derive_key(None)) == 32 and derive_key(None) != derive_key(None)
     with pytest.raises(ConfigError):
-        SecureGaussian(b"short")
+        SecureRandom(b"short")
     with pytest.raises(ConfigError):
         derive_key("1")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):

@@ -10,7 +10,8 @@ import torch
 
 from pflm.config import load_recipe
 from pflm.errors import ConfigError
-from pflm.simulation.devices import DevicePool, thread_plan
+from pflm.runtime import thread_plan
+from pflm.simulation.devices import DevicePool
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
 

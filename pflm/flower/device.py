@@ -53,7 +53,7 @@ def node_state(recipe_json: str, population: int, data_dir: str | None = None) -
             raise PflmError(f"prepared data dir {path!r} not found on this node; set --node-config 'data-dir=\"DIR\"'")
         fd = FederatedData.open(path)
         trainer = DeviceTrainer(cfg, fd.tokenizer.vocab_size, fd.prior_counts())  # as Simulator does
-        st = NodeState(cfg, fd, trainer, device_postprocessors(cfg, population))
+        st = NodeState(cfg, fd, trainer, device_postprocessors(cfg))
         _NODE_CACHE.clear()  # one recipe per process at a time: free the previous run's model
         _NODE_CACHE[key] = st
     return st

@@ -54,12 +54,11 @@ def remote_secure_aggregator(driver: RunDriver, enabled: bool = True) -> RemoteS
     if not keys:
         import torch
 
-        from pflm.privacy.mechanism import device_postprocessors
         from pflm.round import RoundContext
 
         probe = RoundContext(0, 4, [], 1.0, cfg.seed)
         aux: dict[str, float] = {}
-        for step in device_postprocessors(cfg, driver.population):
+        for step in driver.server.postprocessors:  # the run's own chain: its device half is what nodes run
             _, a = step.on_device(torch.zeros(4), probe)
             aux.update(a)
         keys = tuple(sorted(aux))

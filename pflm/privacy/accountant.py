@@ -19,9 +19,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pflm.epsilon import (  # noqa: F401 - re-exported: the accountant's public API
-    ACCOUNTANTS, PLD_DISCRETIZATION, PRV_EPS_ERROR, _check_delta, _check_rate, check_accountant, epsilon_from_history,
-    pld_available,
+from pflm.epsilon import (  # noqa: F401 - ACCOUNTANTS, epsilon_from_history, pld_available: re-exported API
+    ACCOUNTANTS, _check_delta, _check_rate, check_accountant, epsilon_from_history, pld_available,
 )
 from pflm.errors import ConfigError
 

@@ -28,10 +28,10 @@ from pflm.round import AggregateResult, RoundContext
 from pflm.config import AdaptiveClipConfig
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import combine_noise_multipliers
-from pflm.privacy.clipping import L2Clip
+from pflm.privacy.clipping import UNCLIPPED, L2Clip
 from pflm.secure_random import SecureRandom
 
-AUX_KEY = "unclipped"
+AUX_KEY = UNCLIPPED
 COUNT_PURPOSE = "clip-count"
 
 
@@ -83,6 +83,7 @@ class AdaptiveClipping(L2Clip):
             self.count_noise_std = noise_cohort / 20.0  # the paper's default σ_b = M/20
         else:
             raise ConfigError("adaptive clipping needs count_noise_std or a noise cohort (σ_b = noise_cohort/20)")
+        super().__init__(report_unclipped=True)  # devices report b = 1 − clipped (`L2Clip`)
         self.settings = settings
         self.noise_multiplier = float(noise_multiplier)
         self.expected_cohort = int(expected_cohort)
@@ -105,11 +106,6 @@ class AdaptiveClipping(L2Clip):
     def effective_noise_multiplier(self) -> float:
         """σ the accountant sees per round: equals the configured total σ (0 when σ = 0)."""
         return combine_noise_multipliers(self.accounting_noise_multipliers)
-
-    def on_device(self, update: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
-        clipped, aux = super().on_device(update, ctx)
-        aux[AUX_KEY] = 1.0 - aux["clipped"]
-        return clipped, aux
 
     def on_server(self, agg: AggregateResult, ctx: RoundContext) -> tuple[AggregateResult, dict[str, float]]:
         m = self.expected_cohort

@@ -80,17 +80,28 @@ def _clip_exact(update: torch.Tensor, clip_bound: float) -> tuple[torch.Tensor, 
     return clipped, norm, True
 
 
+UNCLIPPED = "unclipped"  # aux key of the indicator b = 1[‖Δ‖ ≤ C] that adaptive clipping counts
+
+
 class L2Clip(Postprocessor):
     """Clip each device's flat update to ‖Δ‖₂ ≤ ctx.clip_bound; aux {"clipped": 0/1} (fraction = sum/count).
 
     Raises `NonFiniteUpdate` for NaN/Inf updates. The "clipped" sum is a diagnostic the server sees without
-    noise: it is not covered by the DP guarantee (adaptive clipping releases a noised count instead).
+    noise: it is not covered by the DP guarantee (adaptive clipping releases a noised count instead). With
+    `report_unclipped` the device also reports b = 1 − clipped (aux "unclipped"), the bit adaptive clipping counts.
     """
+
+    def __init__(self, report_unclipped: bool = False) -> None:
+        self.report_unclipped = report_unclipped
 
     def on_device(self, update: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict[str, float]]:
         if math.isinf(ctx.clip_bound):
             if not math.isfinite(_norm_estimate(update)) and not bool(torch.isfinite(update).all()):
                 raise NonFiniteUpdate("update has NaN/Inf values: drop this device's update")
-            return update, {"clipped": 0.0}
-        clipped, _, was_clipped = clip_l2(update, ctx.clip_bound)
-        return clipped, {"clipped": 1.0 if was_clipped else 0.0}
+            clipped, was_clipped = update, False
+        else:
+            clipped, _, was_clipped = clip_l2(update, ctx.clip_bound)
+        aux = {"clipped": 1.0 if was_clipped else 0.0}
+        if self.report_unclipped:
+            aux[UNCLIPPED] = 1.0 - aux["clipped"]
+        return clipped, aux

@@ -19,7 +19,7 @@ from pflm.privacy.base import Postprocessor
 from pflm.privacy.guard import BudgetGuard
 from pflm.privacy.clipping import L2Clip
 from pflm.privacy.noise import GaussianNoisePostprocessor
-from pflm.secure_random import SecureRandom, new_key, subkey
+from pflm.secure_random import SecureRandom, subkey
 
 REPRODUCIBLE_WARNING = (
     "REPRODUCIBLE MODE: noise, cohorts and device randomness are derived from the public recipe seed; "
@@ -53,10 +53,10 @@ def check_data_privacy(cfg: RecipeConfig, data_privacy: dict, data_dir: str) -> 
         )
 
 
-def device_postprocessors(cfg: RecipeConfig, population: int) -> list[Postprocessor]:
-    """The chain as code on a device needs it (only `on_device`, i.e. clipping): built with a throwaway key,
-    since devices never hold the server's run key (its noise and cohort streams stay on the server)."""
-    return DPMechanism(cfg, population, new_key()).postprocessors
+def device_postprocessors(cfg: RecipeConfig) -> list[Postprocessor]:
+    """The device half of the chain: clipping (reporting the adaptive-clipping bit when that is on). It needs
+    neither the server's run key nor a calibrated σ, so a device builds it without either."""
+    return [L2Clip(report_unclipped=cfg.privacy.adaptive_clipping.enabled)]
 
 
 class DPMechanism:
@@ -144,8 +144,9 @@ class DPMechanism:
         `pending_releases` counts the releases the round may be charged (more than one after a resume)."""
         if self.guard is None or not self.private:
             return None
-        trial = self.accountant.copy()
-        if pending_releases > 1:
+        trial = self.accountant
+        if pending_releases > 1:  # a redone round: charge its earlier releases on a copy first
+            trial = self.accountant.copy()
             trial.step(self._round_sigmas(), self.q, n=pending_releases - 1)
         if self.guard.allows_next_round(trial, self._round_sigmas(), self.q, round_idx + 1):
             return None

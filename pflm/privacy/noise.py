@@ -9,9 +9,7 @@ import torch
 from pflm.round import AggregateResult, RoundContext
 from pflm.errors import ConfigError
 from pflm.privacy.base import Postprocessor
-from pflm.secure_random import SecureRandom, derive_key  # noqa: F401 - derive_key re-exported
-
-SecureGaussian = SecureRandom  # the name the privacy chain has always used
+from pflm.secure_random import SecureRandom
 
 class GaussianNoisePostprocessor(Postprocessor):
     """Server side: add N(0, (σ·C·m̄/M)²) to every coordinate of the sum of the clipped updates.

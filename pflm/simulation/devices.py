@@ -21,7 +21,6 @@ import torch
 
 from pflm.config import RecipeConfig
 from pflm.device.trainer import DeviceTrainer
-from pflm.runtime import thread_plan, torch_threads  # noqa: F401 - the pool's thread settings
 
 T = TypeVar("T")
 AHEAD = 2  # devices queued per worker beyond the one being consumed (bounds memory held in finished updates)

@@ -34,7 +34,7 @@ from pflm.aggregator.secagg.client import SecAggClient
 from pflm.aggregator.secagg.config import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.graph import graph_seed, harary_graph
-from pflm.aggregator.secagg.inprocess import STAGES, InProcessProtocol, dropout_plan, upload_bytes_estimate  # noqa: F401
+from pflm.aggregator.secagg.inprocess import InProcessProtocol, dropout_plan, upload_bytes_estimate
 from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.aggregator.secagg.params import SecAggParameters

@@ -103,7 +103,7 @@ class ChunkEncoder:
         self._signed = np.int32 if codec.bits <= 32 else np.int64  # |values| ≤ L < 2^(b−1): two's complement = mod 2^word
 
     def filler(self, lo: int) -> Callable[[np.ndarray], None]:
-        c, d, L = self.codec, self.codec.dim, self.codec.level
+        d, L = self.codec.dim, self.codec.level
         if lo % 4:
             raise ValueError("chunk ranges must start on a multiple of 4 coordinates")
         enc = prg(self.key, lo // 4)  # 4 uniform words per AES block
