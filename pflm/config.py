@@ -114,6 +114,9 @@ class PrivacyConfig:
     # whose guarantee does NOT hold against anyone who knows the seed (summary.json and the CLI say so).
     reproducible: bool = False
     adaptive_clipping: AdaptiveClipConfig = field(default_factory=AdaptiveClipConfig)
+    # How the noise is added. "gaussian": central Gaussian on the sum by the server (after secure aggregation).
+    # Other mechanisms extend this Literal (one value per mechanism; see docs/privacy.md).
+    mechanism: Literal["gaussian"] = "gaussian"
 
     def __post_init__(self) -> None:
         _check(self.clip_bound > 0, "privacy.clip_bound must be > 0 (the L2 bound C on each device's update)")
