@@ -99,6 +99,26 @@ class AdaptiveClipConfig:
 
 
 @dataclass
+class DistributedDPConfig:
+    """Distributed DP (`privacy.mechanism: distributed_*`): devices add discrete noise shares inside the secure sum."""
+
+    bits: int = 18  # bits per coordinate of the deployment's modular sum (what each device sends per value)
+    dropout_tolerance: float = 0.05  # devices add enough noise for the sum to stay private if this fraction drops
+    k_stddevs: float = 4.0  # standard deviations of the rotated noisy sum kept inside the modular range
+    beta: float = 0.6065306597126334  # conditional rounding: retry probability bound β = e^-0.5 (Kairouz et al.)
+    rotation_block: int = 131072  # randomised Hadamard block size (a power of 2); the vector is padded to a multiple
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and 8 <= self.bits <= 62,
+               "privacy.distributed.bits must be an integer in [8, 62] (16-20 is the usual range)")
+        _check(0 <= self.dropout_tolerance < 1, "privacy.distributed.dropout_tolerance must be a fraction in [0, 1)")
+        _check(self.k_stddevs > 0, "privacy.distributed.k_stddevs must be > 0 (e.g. 4)")
+        _check(0 < self.beta < 1, "privacy.distributed.beta must be in (0, 1), e.g. 0.6065 (e^-0.5)")
+        _check(self.rotation_block >= 2 and self.rotation_block & (self.rotation_block - 1) == 0,
+               "privacy.distributed.rotation_block must be a power of 2, e.g. 131072")
+
+
+@dataclass
 class PrivacyConfig:
     """User-level DP at the aggregator: clip each device update to C, Gaussian noise σ·C on the sum."""
 
@@ -116,7 +136,8 @@ class PrivacyConfig:
     adaptive_clipping: AdaptiveClipConfig = field(default_factory=AdaptiveClipConfig)
     # How the noise is added. "gaussian": central Gaussian on the sum by the server (after secure aggregation).
     # Other mechanisms extend this Literal (one value per mechanism; see docs/privacy.md).
-    mechanism: Literal["gaussian"] = "gaussian"
+    mechanism: Literal["gaussian", "distributed_skellam", "distributed_dgauss"] = "gaussian"
+    distributed: DistributedDPConfig = field(default_factory=DistributedDPConfig)  # distributed_* mechanisms only
 
     def __post_init__(self) -> None:
         _check(self.clip_bound > 0, "privacy.clip_bound must be > 0 (the L2 bound C on each device's update)")
@@ -233,6 +254,19 @@ class RecipeConfig:
                 "use server.weighting=uniform",
             )
 
+        mech = self.privacy.mechanism
+        if mech != "gaussian":  # distributed DP (docs/distributed_dp.md)
+            _check(self.aggregation.kind == "secure",
+                   f"privacy.mechanism={mech} needs aggregation=secure: with the plain sum the server would see each "
+                   "device's update with only its own small noise share")
+            _check(self.aggregation.secagg.rounding == "urandom",
+                   f"privacy.mechanism={mech} needs secret device randomness: set aggregation.secagg.rounding=urandom")
+            _check(not self.privacy.adaptive_clipping.enabled,
+                   f"privacy.mechanism={mech} does not support adaptive clipping: set privacy.adaptive_clipping.enabled=false")
+            _check(self.privacy.accountant == "rdp", f"privacy.mechanism={mech} is accounted with RDP: set privacy.accountant=rdp")
+            _check(self.backend == "inprocess",
+                   f"privacy.mechanism={mech} runs on the in-process backend only (the Flower device half does not add "
+                   "distributed noise yet): set backend=inprocess")
         if self.aggregation.kind == "secure" and self.server.weighting == "tokens":
             _check(
                 self.aggregation.secagg.max_weight > 1,

@@ -62,7 +62,8 @@ def device_postprocessors(cfg: RecipeConfig) -> list[Postprocessor]:
 class DPMechanism:
     """Everything DP about one run: the postprocessor chain, the secret noise stream, the accountant and guard."""
 
-    def __init__(self, cfg: RecipeConfig, train_users: int, run_key: bytes, data_privacy: dict | None = None) -> None:
+    def __init__(self, cfg: RecipeConfig, train_users: int, run_key: bytes, data_privacy: dict | None = None,
+                 release_dim: int | None = None) -> None:
         p = cfg.privacy
         self.cfg = cfg
         self.train_users = train_users
@@ -116,6 +117,18 @@ class DPMechanism:
             clip,
             GaussianNoisePostprocessor(update_sigma, self.generator, self.expected_cohort, self.noise_cohort),
         ]
+        self.distributed: Any = None  # distributed DP: devices add the noise (pflm/privacy/distributed/)
+        if p.mechanism != "gaussian" and self.noise_multiplier > 0:
+            from pflm.privacy.distributed.mechanism import DistributedDP, DistributedNoiseReport
+
+            if release_dim is None:
+                raise ConfigError(f"privacy.mechanism={p.mechanism} needs the release dimension to calibrate")
+            self.central_noise_multiplier = self.noise_multiplier  # central Gaussian at the same ε (comparison)
+            self.distributed = DistributedDP(cfg, release_dim, self.q, self.noise_cohort, self.expected_cohort,
+                                             self.accounting_delta, self.prior_history, self.noise_multiplier)
+            self.noise_multiplier = self.update_noise_multiplier = self.distributed.params.noise_multiplier
+            self.guard = None
+            self.postprocessors = [clip, DistributedNoiseReport(self.distributed)]
 
     @property
     def private(self) -> bool:
@@ -131,17 +144,23 @@ class DPMechanism:
             return self.adaptive.accounting_noise_multipliers
         return self.noise_multiplier
 
-    def account_round(self, releases: int = 1) -> dict[str, float]:
+    def account_round(self, releases: int = 1, contributors: int | None = None, cohort: int | None = None
+                      ) -> dict[str, float]:
         """Record a round's release(s): only called once its aggregate was really applied. `releases` > 1 when
-        a resumed run redid a round that had already been released with a different result (see ledger)."""
+        a resumed run redid a round that had already been released with a different result (see ledger).
+        `contributors` of the `cohort` devices are in the sum (distributed DP charges these survivors' noise)."""
         if not self.private or releases < 1:
             return {}
+        if self.distributed is not None:
+            return self.distributed.account_round(int(contributors or 0), int(cohort or 0), releases)
         self.accountant.step(self._round_sigmas(), self.q, n=releases)
         return {"epsilon": self.accountant.epsilon(self.accounting_delta)}
 
     def stop_reason(self, round_idx: int, pending_releases: int = 1) -> str | None:
         """Why round `round_idx` must not run (its release would exceed the target ε), else None.
         `pending_releases` counts the releases the round may be charged (more than one after a resume)."""
+        if self.distributed is not None:
+            return self.distributed.stop_reason(round_idx, pending_releases)
         if self.guard is None or not self.private:
             return None
         trial = self.accountant
@@ -155,6 +174,9 @@ class DPMechanism:
     def epsilon(self) -> float | None:
         if not self.private:
             return None
+        if self.distributed is not None:
+            eps = self.distributed.epsilon()
+            return None if math.isinf(eps) else eps
         eps = self.accountant.epsilon(self.accounting_delta) if self.accountant.steps else 0.0
         return None if math.isinf(eps) else eps
 
@@ -163,6 +185,8 @@ class DPMechanism:
         sum gets noise σ·m̄/M (not σ), at rate m̄ / (number of training users)."""
         if not self.private or self.noise_cohort == self.expected_cohort and self.population == self.train_users:
             return self.epsilon()
+        if self.distributed is not None:
+            return None  # not computed for distributed noise (docs/distributed_dp.md)
         rounds = self.accountant.steps - sum(n for _, _, n in self.prior_history)
         if rounds <= 0:
             return 0.0
@@ -211,15 +235,24 @@ class DPMechanism:
             )
         if p.reproducible:
             out["privacy_warning"] = REPRODUCIBLE_WARNING
+        if self.distributed is not None:
+            out["mechanism"] = p.mechanism
+            out["central_noise_multiplier"] = self.central_noise_multiplier
+            out.update(self.distributed.summary())
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "accountant": self.accountant.state_dict(),
             "postprocessors": [pp.state_dict() for pp in self.postprocessors],
         }
+        if self.distributed is not None:
+            state["distributed"] = self.distributed.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        if self.distributed is not None:
+            self.distributed.load_state_dict(state.get("distributed", {}))
         for pp, st in zip(self.postprocessors, state["postprocessors"]):
             pp.load_state_dict(st)

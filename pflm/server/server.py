@@ -55,7 +55,7 @@ class FederatedServer:
                 self.model.output_weight().zero_()
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
-        self.privacy = DPMechanism(cfg, population, run_key, data_privacy)
+        self.privacy = DPMechanism(cfg, population, run_key, data_privacy, release_dim=self.release_dim())
         self.cohort_rng = SecureRandom(subkey(run_key, "cohort-sampling"))
         self.ledger = ledger
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
@@ -114,7 +114,7 @@ class FederatedServer:
         avg = agg.total / denom
         metrics["update_norm"] = float(avg.norm())
         self._apply(avg, plan.rows)
-        metrics.update(self.privacy.account_round(releases))
+        metrics.update(self.privacy.account_round(releases, agg.num_contributors, len(plan.cohort)))
         every = self.cfg.server.lora_merge_every
         if every and self.cfg.model.lora.rank > 0 and (plan.round + 1) % every == 0:
             fold_and_restart(self.model, self.cfg.seed, plan.round)

@@ -97,6 +97,9 @@ class SecureAggregator(Aggregator):
         self._identities: dict[int, DeviceIdentity] = {}
         self._contributed: set[int] = set()
         self._dropped: set[int] = set()
+        # Distributed DP (pflm/privacy/distributed/codec.py): codec_factory(ctx, n, aux_keys, workers) builds the
+        # round's device encoding (rotation, rounding, noise share) and its decoding, replacing FixedPointCodec.
+        self.codec_factory: Any = None
 
     @property
     def contributors(self) -> list[int]:
@@ -140,7 +143,7 @@ class SecureAggregator(Aggregator):
                                     cfg.aux_bound)
         except AggregationFailed:
             probe = None  # bits too small for the cohort: the first upload raises the usual message
-        if probe is not None:
+        if probe is not None and self.codec_factory is None:
             probe.check_slack(ctx.clip_bound)
         self.degree, self.threshold = cfg.round_parameters(n)
         self.parameters = cfg.parameters(n)
@@ -196,6 +199,8 @@ class SecureAggregator(Aggregator):
         assert self.ctx is not None
         cfg = self.config
         keys = tuple(cfg.aux_keys or self.ctx.extra.get("aux_keys") or sorted(aux))
+        if self.codec_factory is not None:
+            return self.codec_factory(self.ctx, len(self.cohort), keys, self._upload_workers())
         return FixedPointCodec(
             cfg.bits, len(self.cohort), self.ctx.dim, self.ctx.clip_bound * cfg.value_factor,
             cfg.max_weight, keys, cfg.aux_bound, self._upload_workers(),
@@ -251,7 +256,13 @@ class SecureAggregator(Aggregator):
             key = subkey(self._rounding_secret, "upload", ctx.round, u)  # secret, reproducible with the run key
         else:
             key = rounding_key(None, ctx.round, u)  # fresh from the OS CSPRNG
-        if self.config.mode == "full":
+        if self.config.mode == "full" and not getattr(codec, "fused", True):  # distributed DP: encode, then mask
+            enc = codec.encode(x, float(weight), aux, key, shrink)
+            payload = self.protocol.masked_input(u, enc.ints, self._upload_stream) if enc.finite else None
+            if payload is None and enc.finite:
+                return Upload(u, excluded="refused")
+            stage, finite, clamped = "masked_input", enc.finite, enc.clamped
+        elif self.config.mode == "full":
             assert self.server is not None
             encoder = codec.encoder(x, float(weight), aux, key, shrink)
             payload = self.protocol.masked_input(u, encoder, self._upload_stream)
