@@ -93,9 +93,35 @@ def run_epsilon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distributed(args: argparse.Namespace, cohort: int, rounds: int, bits: int) -> dict[str, Any]:
+    from pflm.privacy.distributed.report import distributed_row
+
+    if args.dim is None or args.dim < 1:
+        raise ConfigError(f"--mechanism {args.mechanism} needs --dim (the length of the release vector, ≥ 1)")
+    if args.population is None or cohort is None:
+        raise ConfigError(f"--mechanism {args.mechanism} needs --cohort and --population")
+    if args.accountant != "rdp" or args.sampling != "poisson":
+        raise ConfigError(f"--mechanism {args.mechanism} is accounted with RDP under Poisson sampling: "
+                          "use --accountant rdp --sampling poisson")
+    if not 0 <= args.dropout_tolerance < 1:
+        raise ConfigError(f"--dropout-tolerance {args.dropout_tolerance:g} must be a fraction in [0, 1)")
+    return distributed_row(args.mechanism, bits, cohort, args.population, rounds, args.delta, args.epsilon,
+                           args.clip_bound, args.dim, args.dropout_tolerance)
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     if not args.epsilon > 0:
         raise ConfigError(f"--epsilon {args.epsilon:g} is invalid: use a target ε > 0")
+    if args.mechanism != "gaussian":
+        from pflm.privacy.distributed.report import describe
+
+        row = _distributed(args, args.cohort, args.rounds, args.bits)
+        if args.json:
+            print(json.dumps(row, sort_keys=True))
+        else:
+            print(f"noise_multiplier: {row['noise_multiplier']!r}")
+            print("\n".join(describe(row)))
+        return 0
     _report(_solve(args, epsilon=args.epsilon), "noise_multiplier", args)
     return 0
 
@@ -130,6 +156,8 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dim {args.dim} is invalid: give the length of the release vector (≥ 1)")
     rows: list[dict[str, Any]] = []
     curves: list[tuple[str, float, float]] = []
+    if args.mechanism != "gaussian":
+        return _plan_distributed(args)
     for cohort in args.cohorts:
         for rounds in sorted(args.rounds):
             b = PrivacyBudget(population=args.population, cohort=cohort, rounds=rounds, delta=args.delta,
@@ -174,6 +202,44 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_distributed(args: argparse.Namespace) -> int:
+    """Distributed-DP plan: per cohort × rounds × bits, the noise gap to central DP and the wrap-around risk."""
+    rows = [_distributed(args, c, r, b) for c in args.cohorts for r in sorted(args.rounds) for b in args.bits]
+    out = Path(args.out)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "plan.csv", buf.getvalue())
+    if args.json:
+        print(json.dumps({"rows": rows, "csv": str(out / "plan.csv")}))
+        return 0
+    print(f"target ε={args.epsilon:g} δ={args.delta:g} population={args.population} C={args.clip_bound:g} "
+          f"d={args.dim} mechanism={args.mechanism} dropout tolerance={args.dropout_tolerance:g}")
+    print(f"{'cohort':>7} {'rounds':>6} {'bits':>4} {'z':>7} {'central':>7} {'gap':>7} {'inflation':>9} "
+          f"{'wrap/coord':>10} {'payload B':>11}")
+    for r in rows:
+        print(f"{r['cohort']:>7} {r['rounds']:>6} {r['bits']:>4} {r['noise_multiplier']:>7.4f} "
+              f"{r['central_noise_multiplier']:>7.4f} {r['noise_gap']:>7.3f} {r['rounding_inflation'] - 1:>9.2e} "
+              f"{r['wrap_prob_per_coord']:>10.2e} {r['payload_bytes']:>11,}")
+    print("z = √(noise variance of the tolerated survivors)/Δ₂; gap = std of the sum's noise + rounding error with "
+          "every device's share / central σ·C; wrap/coord: sub-Gaussian bound (utility only)")
+    print(f"wrote {out / 'plan.csv'}")
+    return 0
+
+
+def _mechanism_args(p: argparse.ArgumentParser, plan: bool) -> None:
+    p.add_argument("--mechanism", choices=("gaussian", "distributed_skellam", "distributed_dgauss"),
+                   default="gaussian", help="central Gaussian (default) or distributed discrete noise")
+    if plan:
+        p.add_argument("--bits", type=int, nargs="+", default=[16, 18, 20], help="bits per coordinate (distributed)")
+    else:
+        p.add_argument("--bits", type=int, default=18, help="bits per coordinate (distributed)")
+        p.add_argument("--dim", type=int, help="length d of the release vector (distributed)")
+        p.add_argument("--clip-bound", type=float, default=1.0, help="L2 clip bound C (distributed)")
+    p.add_argument("--dropout-tolerance", type=float, default=0.05, help="fraction of devices that may drop (distributed)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("privacy", help="privacy budget tools: epsilon, calibrate, plan")
     _one_line_errors(p)
@@ -196,6 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="smallest σ giving ε ≤ target (prints 'noise_multiplier: <value>')")
     c.add_argument("--epsilon", type=float, required=True, help="target ε")
     _population_args(c, with_rate=True)
+    _mechanism_args(c, plan=False)
     c.set_defaults(func=quiet(run_calibrate))
 
     pl = sub.add_parser("plan", help="grid of cohorts × rounds for a target ε: σ, noise on the average, SNR")
@@ -210,6 +277,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
     pl.add_argument("--out", default="privacy_plan", help="directory for plan.csv and plan.png")
     pl.add_argument("--json", action="store_true")
+    _mechanism_args(pl, plan=True)
     pl.set_defaults(func=quiet(run_plan))
     for parser in (e, c, pl):
         _one_line_errors(parser)

@@ -25,6 +25,7 @@ in any SecAgg deployment).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ def skellam_rdp(alpha: int, l2: float, l1: float, mu: float) -> float:
     return alpha * l2 * l2 / (4 * mu) + min(((2 * alpha - 1) * l2 * l2 + 6 * l1) / (16 * mu * mu), 3 * l1 / (4 * mu))
 
 
+@functools.lru_cache(maxsize=256)
 def ddgauss_tau(sigma2: float, n: int) -> float:
     """τ of Kairouz et al. 2021 Thm. 1 for n shares N_Z(0, σ²)."""
     if n <= 1:
@@ -78,18 +80,24 @@ def ddgauss_rdp(alpha: int, l2: float, l1: float, sigma2: float, n: int, dim: in
 
 
 def subsampled_rdp(eps: Callable[[int], float], q: float, alpha: int) -> float:
-    """Zhu & Wang 2019 general upper bound on the RDP of the Poisson-subsampled mechanism (rate q) at integer α."""
+    """Zhu & Wang 2019 general upper bound on the RDP of the Poisson-subsampled mechanism (rate q) at integer α:
+    (1/(α−1))·log[(1−q)^(α−1)(αq − q + 1) + C(α,2)q²(1−q)^(α−2)e^{ε(2)} + 3Σ_{j≥3} C(α,j)q^j(1−q)^(α−j)e^{(j−1)ε(j)}],
+    capped by the un-subsampled ε(α)."""
     if q >= 1:
         return eps(alpha)
     if q <= 0:
         return 0.0
-    terms = [math.log((1 - q) ** (alpha - 1) * (alpha * q - q + 1)),
-             math.log(special.comb(alpha, 2, exact=False)) + 2 * math.log(q) + (alpha - 2) * math.log1p(-q) + eps(2)]
-    log_c = special.gammaln(alpha + 1)
-    for j in range(3, alpha + 1):
-        terms.append(math.log(3.0) + log_c - special.gammaln(j + 1) - special.gammaln(alpha - j + 1)
-                     + j * math.log(q) + (alpha - j) * math.log1p(-q) + (j - 1) * eps(j))
-    return min(float(special.logsumexp(terms)) / (alpha - 1), eps(alpha))
+    return _subsampled(np.array([0.0, 0.0] + [eps(j) for j in range(2, alpha + 1)]), q, alpha)
+
+
+def _subsampled(e: np.ndarray, q: float, alpha: int) -> float:
+    """The bound above from e[j] = ε(j) (j = 2..α; e[0], e[1] unused)."""
+    j = np.arange(2, alpha + 1, dtype=np.float64)
+    log_binom = special.gammaln(alpha + 1) - special.gammaln(j + 1) - special.gammaln(alpha - j + 1)
+    terms = log_binom + j * math.log(q) + (alpha - j) * math.log1p(-q) + (j - 1) * e[2 : alpha + 1]
+    terms[1:] += math.log(3.0)  # j ≥ 3 carry the factor 3; j = 2 has e^{(2−1)ε(2)} = e^{ε(2)} without it
+    first = math.log((1 - q) ** (alpha - 1) * (alpha * q - q + 1))
+    return min(float(special.logsumexp(np.concatenate(([first], terms)))) / (alpha - 1), float(e[alpha]))
 
 
 @dataclass(frozen=True)
@@ -111,14 +119,11 @@ class DiscreteRelease:
 
 def rdp_curve(release: DiscreteRelease, q: float, count: int = 1, orders: Sequence[int] = ORDERS) -> np.ndarray:
     """RDP at `orders` of `count` Poisson-subsampled rounds of `release`."""
-    cache: dict[int, float] = {}
-
-    def eps(a: int) -> float:
-        if a not in cache:
-            cache[a] = release.rdp(a)
-        return cache[a]
-
-    return np.array([subsampled_rdp(eps, q, a) for a in orders]) * count
+    top = max(orders)
+    e = np.array([0.0, 0.0] + [release.rdp(a) for a in range(2, top + 1)])
+    if q >= 1:
+        return e[list(orders)] * count
+    return np.array([_subsampled(e, q, a) for a in orders]) * count
 
 
 def epsilon(history: Sequence[tuple[DiscreteRelease, float, int]], delta: float,

@@ -89,13 +89,15 @@ def scale_for(bits: float, n: int, clip: float, dim: int, share_variance_over_ga
 
 
 def _variance_for(target: float, mech: str, l2: float, l1: float, n_min: int, dim: int, q: float, rounds: int,
-                  delta: float, prefix: tuple) -> float:
-    """Smallest total variance V (bisection on √V/Δ₂) with ε ≤ target."""
+                  delta: float, prefix: tuple, guess: float = 1.0) -> float:
+    """Smallest total variance V (bisection on z = √V/Δ₂, to 1e-4 relative) with ε ≤ target."""
     def eps(z: float) -> float:
         v = (z * l2) ** 2
         return epsilon([(DiscreteRelease(mech, l2, l1, v, n_min, dim), q, rounds)], delta, prefix)
 
-    lo, hi = 0.05, 1.0
+    lo, hi = guess * 0.97, guess * 1.03
+    if eps(lo) <= target:
+        lo, hi = 0.01, lo
     while eps(hi) > target:
         lo, hi = hi, hi * 2
         if hi > 1e4:
@@ -128,9 +130,9 @@ def plan_parameters(mechanism: str, bits: int, devices: int, dropout_tolerance: 
         l2 = rounded_norm_bound(gamma * clip_bound, beta, dim)
         l1 = l1_bound(l2, dim)
         if target_epsilon is not None:
-            var = _variance_for(target_epsilon, mechanism, l2, l1, n_min, dim, q, rounds, delta, prefix)
+            var = _variance_for(target_epsilon, mechanism, l2, l1, n_min, dim, q, rounds, delta, prefix, z)
             z_new = math.sqrt(var) / l2
-            if abs(z_new - z) < 1e-6 * z:
+            if abs(z_new - z) < 1e-4 * z:
                 z = z_new
                 break
             z = z_new
