@@ -144,6 +144,8 @@ class DistributedDP:
                                "history": [[r.shares, q, n] for r, q, n in self.history]},
             "epsilon_adjacency": "a user's data is added/removed while its device's noise share stays in the sum "
                                  "(the participation count, which the SecAgg server sees anyway, is not covered)",
+            # the server knows who took part: against it there is no amplification by sampling
+            "server_epsilon_per_participation": self.server_epsilon(1),
         }
 
     def state_dict(self) -> dict[str, Any]:
