@@ -4,7 +4,8 @@ Each variant runs the first --rounds rounds of recipes/chitchat_dp.yaml (calibra
 per-round noise is the default workload's) with secure aggregation in bit-exact simulate mode, then evaluates.
 Variants share the seed-derived run key (privacy.reproducible=true), hence the same cohorts and device training
 randomness: the differences come from the mechanism. Usage:
-  python scripts/bench_ddp.py --data /tmp/ddp/chitchat --rounds 10 --bits 20 18 16 14 12 --out bench.json
+  python scripts/bench_ddp.py --data /tmp/ddp/chitchat --rounds 12 --variants central distributed_skellam:16 \\
+      --json bench.json
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ def run(variant: str, overrides: list[str], rounds: int, out: str) -> dict:
     cfg = load_recipe("recipes/chitchat_dp.yaml", overrides + [f"name={name}", f"output_dir={out}"])
     t0 = time.time()
     drv = Simulator(cfg)
+    agg, finalize = drv.aggregator, drv.aggregator.finalize
+
+    def measured() -> object:  # std of (released sum − exact float sum) on the diagnostic probe coordinates
+        res = finalize()
+        probe = res.total.numpy()[:: agg._probe_stride(res.total.numel())].astype("float64")
+        res.metrics["bench_sum_error_std"] = float((probe - agg._float_sum).std())
+        return res
+
+    agg.finalize = measured
     per_round = []
     for r in range(rounds):
         m = drv.run_round(r)
-        per_round.append({k: m.get(k) for k in ("epsilon", "noise_std_mean", "seconds", "failed", "update_norm")})
+        per_round.append({k: m.get(k) for k in ("epsilon", "noise_std_sum", "bench_sum_error_std", "seconds",
+                                                 "failed", "update_norm")})
     test = load_eval_set(drv.fd, "test", cfg.data.test_users)
     res = {"variant": variant, "val": evaluate(drv.server.model, drv.val_set)["perplexity"],
            "test_word": evaluate(drv.server.model, test)["word_perplexity"], "rounds": rounds,
-           "seconds": time.time() - t0, "last": per_round[-1], "summary_privacy": {}}
+           "seconds": time.time() - t0, "per_round": per_round, "summary_privacy": {}}
     p = drv.server.privacy
     res["noise_multiplier"] = p.noise_multiplier
     if p.distributed is not None:
@@ -51,17 +62,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--bits", type=int, nargs="+", default=[20, 18, 16, 14, 12])
-    ap.add_argument("--mechanism", default="distributed_skellam")
+    ap.add_argument("--variants", nargs="+", default=["central", "distributed_skellam:16"],
+                    help="central or MECHANISM:BITS, e.g. distributed_skellam:16 distributed_dgauss:18")
     ap.add_argument("--out", default="/tmp/ddp/bench")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     base = [f"data.dir={a.data}", "aggregation.kind=secure", "aggregation.secagg.mode=simulate",
-            "privacy.reproducible=true", "threads=2", "device_workers=2"]
-    results = [run("central", base, a.rounds, a.out)]
-    for b in a.bits:
-        results.append(run(f"{a.mechanism}_{b}", base + [f"privacy.mechanism={a.mechanism}",
-                                                      f"privacy.distributed.bits={b}"], a.rounds, a.out))
+            "privacy.reproducible=true", "threads=2", "device_workers=2", "aggregation.secagg.measure_quant_error=true",
+            "diagnostics=true"]
+    results = []
+    for v in a.variants:
+        if v == "central":
+            results.append(run("central", base, a.rounds, a.out))
+            continue
+        mech, bits = v.split(":")
+        results.append(run(f"{mech}_{bits}", base + [f"privacy.mechanism={mech}", f"privacy.distributed.bits={bits}"],
+                           a.rounds, a.out))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

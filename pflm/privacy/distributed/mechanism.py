@@ -8,15 +8,18 @@ equals the deployment's, and scales the integer grid so rounding error and wrap-
 the deployment's too: the sim's modulus is b − ½·log2(M/m̄) bits (rounded up) and γ_sim ≈ γ·√(M/m̄). With M = m̄
 the simulated devices ARE the deployment (same γ, shares, modulus).
 
-Accounting: each round charges the noise of the devices that really contributed (the survivors of SecAgg),
-mapped to the deployment (⌊survivors·M/m̄⌋ shares), capped at n_min = ⌊(1 − dropout_tolerance)·M⌋: extra
-shares are post-processing, so charging n_min when more survived is valid, and the charged value is then the same
-public number every round (a smaller one, only when too few survived, depends on the realised count).
+Shares are split over the realised cohort n of the round (known to every device of the SecAgg session), so the
+noise total does not depend on the Poisson draw: V/(1 − tolerance) when all n survive. Accounting: each round
+charges the noise of the devices that really contributed (the survivors of SecAgg), as ⌊survivors·M/n⌋
+deployment shares, capped at n_min = ⌊(1 − dropout_tolerance)·M⌋: extra shares are post-processing, so charging
+n_min when more survived is valid, and the charged value is then the same public number every round (a smaller
+one, only when more than the tolerated fraction dropped, depends on the realised counts).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from pflm.config import RecipeConfig
@@ -87,19 +90,18 @@ class DistributedDP:
         if ctx.dim != self.dim:
             raise ConfigError(f"the round's release dimension {ctx.dim} differs from the calibrated {self.dim}")
         sa = self.cfg.aggregation.secagg
-        return codec_for_round(self.scale, ctx.dim, rotation_seed(ctx.seed, ctx.round),
+        # Shares split the noise over the realised cohort n (every device of the session knows n): the total is
+        # the same whatever the Poisson draw; only dropouts lower it (and are charged, `charged_shares`).
+        scale = replace(self.scale, share_variance=self.scale.share_variance * self.expected_cohort / max(cohort, 1))
+        return codec_for_round(scale, ctx.dim, rotation_seed(ctx.seed, ctx.round),
                                self.cfg.privacy.distributed.rotation_block, sa.bits, cohort, aux_keys,
                                sa.max_weight, sa.aux_bound, self.params.clip_bound, self._rotations)
 
     # ------------------------------------------------------------------ accounting
     def charged_shares(self, survivors: int, cohort: int) -> int:
-        """Deployment shares charged for a round in which `survivors` of the `cohort` sampled devices contributed.
-
-        Without a noise cohort (M = m̄) these are the real devices: min(n_min, survivors). With one, the simulated
-        dropout fraction survivors/cohort is applied to the deployment's M devices (whose own cohort-size
-        fluctuation, ±√M, the dropout tolerance must cover)."""
-        if self.noise_cohort == self.expected_cohort:
-            return min(self.params.min_survivors, int(survivors))
+        """Deployment shares (of variance V/n_min each) charged for a round in which `survivors` of the `cohort`
+        sampled devices contributed. Each device's share is V/((1 − tolerance)·cohort), so the survivors' total is
+        that of ⌊survivors·M/cohort⌋ deployment shares; charged at most n_min (more is post-processing)."""
         return min(self.params.min_survivors, math.floor(survivors * self.noise_cohort / max(cohort, 1)))
 
     def account_round(self, survivors: int, cohort: int, releases: int = 1) -> dict[str, float]:
