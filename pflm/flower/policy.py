@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.config import RecipeConfig
-from pflm.config_base import from_dict, to_dict
+from pflm.schema import from_dict, to_dict
 from pflm.errors import ConfigError, PflmError
 
 POLICY_KEY = "policy"

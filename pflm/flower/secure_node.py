@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from pflm.aggregator.secagg import wire
 from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.masking import MaskStream
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
