@@ -50,6 +50,8 @@ def run_row(run: "RunRecord | None", values: dict[str, Any], status: str = "", r
         row["rescored_wer"] = run.rescore.get("rescored_wer")
     if s.get("stop_reason"):
         row["status"] = "done (stopped early: budget)"
+    if run.private and s.get("privacy_warning"):  # privacy.reproducible: the ε does not hold against seed holders
+        row["status"] += " (REPRODUCIBLE mode: ε void against anyone who knows the seed)"
     return row
 
 
