@@ -68,6 +68,7 @@ def test_bad_grids_give_one_line_and_write_nothing(grid, expected, tmp_path, cap
         ([], "at least one --grid"),
         (["--grid", "rounds=1", "--jobs", "0"], "--jobs 0 must be >= 1"),
         (["--grid", "rounds=1", "--nbest-dev", "d.jsonl"], "both --nbest-dev and --nbest-test"),
+        (["--grid", "rounds=1,2", "data.dir=/nonexistent"], "is not a `pflm prepare` output"),
     ],
 )
 def test_bad_sweep_options(argv, expected, tmp_path, capsys):

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     cfgs: dict[str, RecipeConfig] = {}
     for pt in points:
         cfgs[pt.slug] = _point_recipe(args, pt, out, threads=None)
+    for c in {c.data.dir for c in cfgs.values()}:
+        if not c or not (Path(c) / "manifest.json").is_file():
+            raise DataError(f"data.dir={c or '(none)'} is not a `pflm prepare` output directory; pass data.dir=DIR")
     pending = [pt for pt in points if not finished(cfgs[pt.slug])]
     jobs = max(1, min(args.jobs, len(pending)))
     total = args.threads or available_cpus()
@@ -237,6 +241,9 @@ def _run_tasks(tasks: list[PointTask], jobs: int, threads: int) -> dict[str, dic
         try:
             for f in as_completed(futures):
                 report(f.result())
+        except BrokenProcessPool:
+            raise PflmError("a sweep worker process died (killed, or out of memory?); rerun the same command: "
+                            "finished points are skipped and interrupted ones resume (try fewer --jobs)") from None
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
