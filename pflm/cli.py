@@ -32,6 +32,12 @@ def _device_report(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _node_worker(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.node_worker import register
+
+    register(sub)
+
+
 def _privacy(sub: argparse._SubParsersAction) -> None:
     from pflm.privacy.cli import register
 
@@ -61,6 +67,7 @@ COMMANDS: dict[str, Registrar] = {
     "train": _train,
     "eval": _train,
     "device-report": _device_report,
+    "node-worker": _node_worker,
     "privacy": _privacy,
     "rescore": _rescore,
     "nbest": _rescore,
