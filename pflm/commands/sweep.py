@@ -161,7 +161,8 @@ def sweep_cmd(args: argparse.Namespace) -> int:
         if not c or not (Path(c) / "manifest.json").is_file():
             raise DataError(f"data.dir={c or '(none)'} is not a `pflm prepare` output directory; pass data.dir=DIR")
     pending = [pt for pt in points if not finished(cfgs[pt.slug])]
-    jobs = max(1, min(args.jobs, len(pending)))
+    todo = [pt for pt in points if pt in pending or rescore_needed(cfgs[pt.slug].run_dir, nbest)]
+    jobs = max(1, min(args.jobs, len(todo)))
     total = args.threads or available_cpus()
     share = _thread_share(jobs, total, args.overrides, [g.key for g in grids])
     if share is not None:
@@ -175,8 +176,7 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     _write_spec(args, out, base, grids, points)
-    tasks = [PointTask(args.recipe, _overrides(args, pt, out, share), pt.slug, pt in pending, nbest) for pt in points
-             if pt in pending or rescore_needed(cfgs[pt.slug].run_dir, nbest)]
+    tasks = [PointTask(args.recipe, _overrides(args, pt, out, share), pt.slug, pt in pending, nbest) for pt in todo]
     print(f"[pflm sweep] {len(points)} points, {len(points) - len(pending)} finished, {len(tasks)} to run; "
           f"{jobs} at once" + (f", {share} threads each" if share else ""))
     results = _run_tasks(tasks, jobs, share or 1)
