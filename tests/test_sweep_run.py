@@ -12,7 +12,9 @@ import pytest
 
 from pflm.cli import main
 from pflm.commands.plots import load_sidecar
+from pflm.data.corpora.synthetic import generate
 from pflm.driver.run import RunDriver
+from pflm.evaluation.nbest import Hypothesis, NBestUtterance, write_nbest
 from tests.conftest import tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
@@ -29,11 +31,29 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def _nbest_files(tmp_path) -> tuple[str, str]:
+    """Small N-best lists over synthetic voice-assistant sentences: the reference and two one-word corruptions,
+    the first pass preferring a corruption (the rescoring runs the real LM of each point)."""
+    texts = [t for t in generate(40, seed=777)["text"] if len(t.split()) >= 3]
+    paths = []
+    for name, chunk in (("dev", texts[:12]), ("test", texts[12:24])):
+        utts = []
+        for i, ref in enumerate(chunk):
+            w = ref.split()
+            bad1 = " ".join(w[:-1] + ["zebra"])
+            bad2 = " ".join(["quantum"] + w[1:])
+            utts.append(NBestUtterance(f"{name}{i}", ref, (Hypothesis(bad1, -1.0), Hypothesis(ref, -1.02),
+                                                           Hypothesis(bad2, -1.05))))
+        paths.append(str(write_nbest(tmp_path / f"{name}.jsonl", utts)))
+    return paths[0], paths[1]
+
+
 @pytest.mark.slow
 def test_eps_sweep_in_a_process_pool_draws_the_runs_numbers(synthetic_data, tmp_path, capsys):
     out = tmp_path / "sweep"
+    dev, test = _nbest_files(tmp_path)
     rc = main(["sweep", RECIPE, "--grid", "privacy.target_epsilon=1,4,inf", "--out", str(out), "--jobs", "2",
-               "--threads", "2", *_overrides(synthetic_data)])
+               "--threads", "2", "--nbest-dev", dev, "--nbest-test", test, *_overrides(synthetic_data)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "2 at once, 1 threads each" in printed  # 2 CPU threads split between 2 runs
@@ -59,7 +79,12 @@ def test_eps_sweep_in_a_process_pool_draws_the_runs_numbers(synthetic_data, tmp_
     w, h = _png_size(png)
     assert w >= 400 and h >= 300 and png.stat().st_size > 10_000
     side = load_sidecar(png)
-    (panel,) = side["panels"]  # no N-best sets: perplexity only
+    panel, wer_panel = side["panels"]  # perplexity and (N-best sets given) rescored WER
+    wers = {e: json.loads((out / "runs" / f"target_epsilon={e}" / "rescore" / "summary.json").read_text())
+            for e in ("1", "4", "inf")}
+    assert [float(r["rescored_wer"]) for r in rows] == [wers[e]["rescored_wer"] for e in ("1", "4", "inf")]
+    assert wer_panel["lines"][0]["y"] == [wers["1"]["rescored_wer"], wers["4"]["rescored_wer"]]
+    assert wer_panel["hlines"][0]["y"] == wers["inf"]["rescored_wer"] and wers["inf"]["test_utterances"] == 12
     (line,) = panel["lines"]
     assert line["x"] == [summaries["1"]["epsilon"], summaries["4"]["epsilon"]]
     assert line["y"] == [summaries["1"]["test_word_perplexity"], summaries["4"]["test_word_perplexity"]]
