@@ -50,6 +50,18 @@ def _rescore(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.sweep import register
+
+    register(sub)
+
+
+def _report(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.report import register
+
+    register(sub)
+
+
 COMMANDS: dict[str, Registrar] = {
     "prepare": _prepare,
     "train": _train,
@@ -59,6 +71,8 @@ COMMANDS: dict[str, Registrar] = {
     "privacy": _privacy,
     "rescore": _rescore,
     "nbest": _rescore,
+    "sweep": _sweep,
+    "report": _report,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 
