@@ -49,6 +49,10 @@ def test_sound_dp_pipeline_passes_and_the_bound_stays_below_epsilon(wordfreq_dat
     assert r["run"]["reproducible"] is True  # labelled: the canaries are seed-derived in this mode
     written = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert written["verdict"] == "pass" and set(written["meaning"]) >= {"verdict", "exposure", "rescoring"}
+    from pflm.commands.audit_plot import plot_exposure
+
+    plot_exposure(r, tmp_path / "cmp.png", other=written, label="dp", other_label="again")  # the --compare picture
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The secret canaries are only in audit.json, never in the run's released files.
     phrase = r["canaries"]["sentences_inserted"][0]["phrase"]
     for f in ("metrics.jsonl", "summary.json"):
@@ -76,6 +80,7 @@ def test_audit_refuses_bad_input_with_one_line(wordfreq_data: str, private_synth
         (["--canaries", "5"], "must be even numbers"),
         (["--space", "ssn"], "unknown canary space"),
         (["peu.mode=topk", "peu.k=64"], "peu.mode=all"),
+        (["data.max_sentences_per_device=4", "--repeats", "10"], "exceeds data.max_sentences_per_device=4"),
         ([f"data.dir={private_synthetic_data}", "--space", "phone"], "lacks"),
     ]
     for i, (extra, msg) in enumerate(cases):

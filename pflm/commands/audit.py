@@ -71,6 +71,10 @@ def _check_options(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, cl
         raise ConfigError("--canaries and --client-canaries must be even numbers >= 4 (half are held out)")
     if repeats < 1:
         raise ConfigError("--repeats must be >= 1")
+    cap = cfg.data.max_sentences_per_device
+    if cap and repeats > cap:
+        raise ConfigError(f"--repeats {repeats} exceeds data.max_sentences_per_device={cap} (a device trains on at most "
+                          "that many sentences); lower --repeats or raise data.max_sentences_per_device")
     if not 0.5 < confidence < 1:
         raise ConfigError("--confidence must be in (0.5, 1), e.g. 0.95")
     if cfg.backend != "inprocess":
