@@ -51,7 +51,7 @@ def test_sound_dp_pipeline_passes_and_the_bound_stays_below_epsilon(wordfreq_dat
     assert written["verdict"] == "pass" and set(written["meaning"]) >= {"verdict", "exposure", "rescoring"}
     from pflm.commands.audit_plot import plot_exposure
 
-    plot_exposure(r, tmp_path / "cmp.png", other=written, label="dp", other_label="again")  # the --compare picture
+    plot_exposure(r, tmp_path / "cmp.png", other=written)  # the --compare picture
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The secret canaries are only in audit.json, never in the run's released files.
     phrase = r["canaries"]["sentences_inserted"][0]["phrase"]

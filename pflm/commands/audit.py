@@ -52,7 +52,7 @@ def audit_cmd(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     from pflm.commands.audit_plot import plot_exposure
 
-    plot_exposure(report, out / PLOT_FILE, other, label=cfg.name, other_label=args.compare)
+    plot_exposure(report, out / PLOT_FILE, other)
     for line in summary_lines(report):
         print(line)
     print(f"audit: {out / AUDIT_FILE}, plot: {out / PLOT_FILE}")
@@ -110,12 +110,14 @@ def run_audit(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients
     real = n_train if cfg.data.train_users == 0 else min(n_train, cfg.data.train_users)
     ids = [[base.tokenizer.word_to_id(w) for w in space.phrase(i).split()] for i in inserted]
     data = CanaryData(base, real, [[t] * repeats for t in ids], clients // 2)
+    recipe_name = cfg.name
     cfg.output_dir, cfg.name, cfg.data.train_users = str(out), "run", 0  # population = real users + canaries
     fanout = CanaryDevices(data, rng, clients)
     summary = RunDriver(cfg, fanout, data=data).run(progress=progress)
     model = fanout.driver.server.model
     sc = score_canaries(model, base.tokenizer, space, inserted + held_out, rng)
     report = build_report(cfg, summary, space, inserted, held_out, sc, fanout, repeats, confidence)
+    report["run"]["recipe"] = recipe_name
     atomic_write_json(out / AUDIT_FILE, report)
     return report
 
