@@ -147,10 +147,12 @@ def one_run_epsilon(
             raise ValueError("the one-run estimate needs at least 2 held-out canaries for a fitted null")
         null_mu, null_sd, label = float(nulls.mean()), float(nulls.std(ddof=1)), "fitted to held-out canaries"
 
+    # A resample of a few canaries can repeat one value (std 0): floor every std at 1e-6 of the pooled scale.
+    floor = 1e-6 * max(float(np.std(np.concatenate([obs, nulls]) if nulls is not None else obs)), null_sd, 1e-150)
+
     def estimate(o: np.ndarray, n: np.ndarray | None) -> float:
         m0, s0 = (null_mu, null_sd) if n is None else (float(n.mean()), float(n.std(ddof=1)))
-        s1 = float(o.std(ddof=1))
-        return gaussian_pair_epsilon(m0, max(s0, 1e-300), float(o.mean()), max(s1, 1e-12 * max(s0, 1e-300)), delta)
+        return gaussian_pair_epsilon(m0, max(s0, floor), float(o.mean()), max(float(o.std(ddof=1)), floor), delta)
 
     eps = estimate(obs, nulls)
     rng = np.random.default_rng(seed)
