@@ -115,3 +115,9 @@ def test_vocabulary_without_the_space_words_is_refused(private_synthetic_data: s
     tok = FederatedData.open(private_synthetic_data).tokenizer  # 300 words of voice-assistant text: no digits
     with pytest.raises(ConfigError, match="lacks .* canary space 'phone'.*--tokenizer-input wordfreq"):
         check_vocabulary(get_space("phone"), tok)
+
+
+def test_one_run_estimate_survives_degenerate_resamples() -> None:
+    """Four canaries with one repeated value (a bootstrap resample then has std 0) must not crash the audit."""
+    est = one_run_epsilon(np.array([0.1, 0.1, 0.1, 0.1]), 1e-6, null_scores=np.array([0.01, 0.01, 0.01, 0.02]))
+    assert est.epsilon > 10 and est.epsilon_low <= est.epsilon_high
