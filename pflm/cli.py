@@ -58,6 +58,8 @@ def _sweep(sub: argparse._SubParsersAction) -> None:
 
 def _report(sub: argparse._SubParsersAction) -> None:
     from pflm.commands.report import register
+def _audit(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.audit import register
 
     register(sub)
 
@@ -73,6 +75,7 @@ COMMANDS: dict[str, Registrar] = {
     "nbest": _rescore,
     "sweep": _sweep,
     "report": _report,
+    "audit": _audit,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 
