@@ -109,3 +109,23 @@ def test_cli_calibrate_and_plan(tmp_path, capsys, monkeypatch):
     assert cli.main(["privacy", "calibrate", *so, "--mechanism", "distributed_skellam"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--dim" in err
+
+
+def test_accountant_state_survives_a_resume_and_bits_must_fit_the_secure_sum():
+    """The charged history is checkpointed: a restored accountant gives the same ε (a resume cannot reset it)."""
+    from pflm.config import load_recipe
+    from pflm.privacy.distributed.mechanism import DistributedDP
+
+    over = ["privacy.mechanism=distributed_skellam", "aggregation.kind=secure", "privacy.noise_multiplier=1.0",
+            "server.rounds=20", "server.cohort_size=10", "privacy.distributed.bits=16"]
+    cfg = load_recipe("recipes/tiny_synthetic.yaml", over)
+    ddp = DistributedDP(cfg, 4096, 0.01, 10, 10, 1e-6, [], noise_multiplier=1.0)
+    ddp.account_round(survivors=10, cohort=10)
+    ddp.account_round(survivors=6, cohort=10)  # 40% dropped: fewer shares than the tolerated minimum
+    assert [r.shares for r, _, _ in ddp.history] == [9, 6]
+    again = DistributedDP(cfg, 4096, 0.01, 10, 10, 1e-6, [], noise_multiplier=1.0)
+    again.load_state_dict(ddp.state_dict())
+    assert again.epsilon() == ddp.epsilon() > 0
+    small = load_recipe("recipes/tiny_synthetic.yaml", over[:-1] + ["privacy.distributed.bits=40"])
+    with pytest.raises(ConfigError, match="aggregation.secagg.bits"):
+        DistributedDP(small, 4096, 0.01, 10, 10, 1e-6, [], noise_multiplier=1.0)
