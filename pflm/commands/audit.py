@@ -226,6 +226,12 @@ MEANING = {
 }
 
 
+def _eps(x: float) -> str:
+    from pflm.evaluation.audit_stats import EPS_MAX
+
+    return f">= {EPS_MAX:g} (search ceiling)" if x >= EPS_MAX else f"{x:.3f}"
+
+
 def summary_lines(r: dict) -> list[str]:
     f, e, ex, rs = r["formal"], r["empirical_epsilon_lower_bound"], r["exposure"], r["rescoring"]
     o1, oa = r["one_run_epsilon_final_model"], r["one_run_epsilon_all_iterates"]
@@ -233,10 +239,10 @@ def summary_lines(r: dict) -> list[str]:
         f"verdict: {r['verdict']} — {r['verdict_reason']}",
         f"formal epsilon: {f['epsilon']} (delta {f['delta']:g}; {f['what']})",
         f"empirical epsilon lower bound: {e['value']:.3f} ({e['confidence']:.0%} confidence)",
-        f"one-run epsilon estimate, final model: {o1['epsilon']:.3f} [{o1['epsilon_low']:.3f}, {o1['epsilon_high']:.3f}]",
+        f"one-run epsilon estimate, final model: {_eps(o1['epsilon'])} [{_eps(o1['epsilon_low'])}, {_eps(o1['epsilon_high'])}]",
     ]
     if oa:
-        lines.append(f"one-run epsilon estimate, all iterates: {oa['epsilon']:.3f} [{oa['epsilon_low']:.3f}, {oa['epsilon_high']:.3f}]")
+        lines.append(f"one-run epsilon estimate, all iterates: {_eps(oa['epsilon'])} [{_eps(oa['epsilon_low'])}, {_eps(oa['epsilon_high'])}]")
     lines += [
         f"exposure (bits, max possible {ex['max_possible']:.2f}): inserted mean {ex['inserted_mean']:.2f} max "
         f"{ex['inserted_max']:.2f}; held-out mean {ex['held_out_mean']:.2f} max {ex['held_out_max']:.2f}",
