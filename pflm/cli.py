@@ -32,6 +32,12 @@ def _device_report(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _node_worker(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.node_worker import register
+
+    register(sub)
+
+
 def _privacy(sub: argparse._SubParsersAction) -> None:
     from pflm.privacy.cli import register
 
@@ -40,6 +46,18 @@ def _privacy(sub: argparse._SubParsersAction) -> None:
 
 def _rescore(sub: argparse._SubParsersAction) -> None:
     from pflm.evaluation.rescore_cli import register
+
+    register(sub)
+
+
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.sweep import register
+
+    register(sub)
+
+
+def _report(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.report import register
 
     register(sub)
 
@@ -55,9 +73,12 @@ COMMANDS: dict[str, Registrar] = {
     "train": _train,
     "eval": _train,
     "device-report": _device_report,
+    "node-worker": _node_worker,
     "privacy": _privacy,
     "rescore": _rescore,
     "nbest": _rescore,
+    "sweep": _sweep,
+    "report": _report,
     "audit": _audit,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)

@@ -30,7 +30,7 @@ class LocalDevices(DeviceFanout):
     def attach(self, driver: RunDriver) -> None:
         self.driver = driver
         self.faults = FaultPlan(driver.cfg.faults, driver.run_key, driver.cfg.aggregation.kind)
-        self.pool = DevicePool(driver.cfg, driver.vocab_size, driver.server.prior_counts, driver.workers)
+        self.pool = DevicePool(driver.server.device_spec, driver.server.prior_counts, driver.workers)
         self.trainer: DeviceTrainer = self.pool.trainers[0]
 
     def train_round(self, plan: RoundPlan, aggregator: Aggregator) -> RoundTally:
