@@ -85,6 +85,7 @@ def test_eps_sweep_in_a_process_pool_draws_the_runs_numbers(synthetic_data, tmp_
     assert [float(r["rescored_wer"]) for r in rows] == [wers[e]["rescored_wer"] for e in ("1", "4", "inf")]
     assert wer_panel["lines"][0]["y"] == [wers["1"]["rescored_wer"], wers["4"]["rescored_wer"]]
     assert wer_panel["hlines"][0]["y"] == wers["inf"]["rescored_wer"] and wers["inf"]["test_utterances"] == 12
+    assert wer_panel["hlines"][1] == {"label": "first pass (no LM rescoring)", "y": wers["1"]["first_pass_wer"]}
     (line,) = panel["lines"]
     assert line["x"] == [summaries["1"]["epsilon"], summaries["4"]["epsilon"]]
     assert line["y"] == [summaries["1"]["test_word_perplexity"], summaries["4"]["test_word_perplexity"]]

@@ -44,6 +44,7 @@ class UtilityPoint:
     epsilon: float | None
     perplexity: float
     wer: float | None
+    first_pass_wer: float | None = None  # of the N-best lists alone (no LM): the reference on the WER panel
 
 
 def _figure(rows: int, cols: int, width: float, height: float) -> "Figure":
@@ -170,6 +171,15 @@ def privacy_utility_figure(points: list[UtilityPoint], title: str, epsilon_note:
                     label = f"no DP (ε = ∞) {g}".strip()
                     ax.axhline(y, linestyle="--", color=hcolor, label=label)
                     hlines.append({"label": label, "y": y})
+        first = {p.first_pass_wer for p in points}
+        if attr == "wer" and len(first) == 1 and None not in first:
+            (fp,) = first
+            ax.axhline(fp, linestyle=":", color="gray", label="first pass (no LM rescoring)")
+            hlines.append({"label": "first pass (no LM rescoring)", "y": fp})
+        if attr == "wer":
+            from matplotlib.ticker import PercentFormatter
+
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         if lines and all(x > 0 for ln in lines for x in ln["x"]):
             ax.set_xscale("log")
             ticks = sorted({x for ln in lines for x in ln["x"]})
