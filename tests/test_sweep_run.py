@@ -134,3 +134,9 @@ def test_finished_points_are_skipped_and_an_interrupted_one_resumes(synthetic_da
     # more rounds for every point: none is finished any more, each resumes from its last checkpoint
     assert main([*argv, "server.rounds=5", "--dry-run"]) == 0
     assert capsys.readouterr().out.count(": pending") == 2
+    # a different recipe under the same sweep dir is refused up front (one line), before anything is written
+    before = (out / "sweep.json").read_bytes()
+    assert main([*argv, "device.lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "device.lr" in err and "new --out DIR" in err and len(err.splitlines()) == 1
+    assert (out / "sweep.json").read_bytes() == before
