@@ -27,6 +27,7 @@ from pflm.aggregator.secagg.masking import MaskStream, Session
 from pflm.aggregator.secagg.protocol import SecAggServer
 from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.config import load_recipe
+from pflm.flower import device as flower_device
 from pflm.flower import secure_node
 from pflm.flower.client_app import app as client_app
 from pflm.flower.server_app import flower_driver
@@ -107,6 +108,7 @@ def recorded(monkeypatch):
         return res, vec, aux
 
     monkeypatch.setattr(device_update_module, "device_update", spy)
+    monkeypatch.setattr(flower_device, "device_update", spy)  # the node-side loop's own reference
     return seen
 
 
