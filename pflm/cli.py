@@ -62,6 +62,12 @@ def _report(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _audit(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.audit import register
+
+    register(sub)
+
+
 COMMANDS: dict[str, Registrar] = {
     "prepare": _prepare,
     "train": _train,
@@ -73,6 +79,7 @@ COMMANDS: dict[str, Registrar] = {
     "nbest": _rescore,
     "sweep": _sweep,
     "report": _report,
+    "audit": _audit,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 

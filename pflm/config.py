@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pflm.aggregator.secagg.config import SecAggConfig
-from pflm.config_base import apply_overrides, from_dict, load_yaml, to_dict
+from pflm.aggregator.secagg.options import SecAggConfig
+from pflm.schema import apply_overrides, from_dict, load_yaml, to_dict
 from pflm.errors import ConfigError
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 
 
 def _check(cond: bool, msg: str) -> None:

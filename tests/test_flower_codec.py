@@ -96,7 +96,7 @@ def test_a_server_cannot_switch_a_node_to_public_device_keys(synthetic_data, tmp
 
 def test_node_policy_overrides_the_servers_secagg_floors(tmp_path, monkeypatch):
     """The values that protect users come from the node, whatever the server's request says."""
-    from pflm.aggregator.secagg.config import SecAggConfig
+    from pflm.aggregator.secagg.options import SecAggConfig
     from pflm.flower.policy import POLICY_ENV, node_policy
 
     weak = SecAggConfig(threshold=0.51, neighbours=2, min_neighbours=2, corrupt_fraction=0.0, rounding="seeded")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pflm.config import RecipeConfig, load_recipe, recipe_to_dict
-from pflm.config_base import apply_overrides, from_dict
+from pflm.schema import apply_overrides, from_dict
 from pflm.errors import PflmError
 from pflm.tokens import NUM_SPECIAL
 

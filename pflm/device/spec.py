@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pflm.config import DeviceConfig, DPSGDConfig, RecipeConfig
-from pflm.config_base import from_dict
-from pflm.model.config import ModelConfig
+from pflm.schema import from_dict
+from pflm.model.options import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,15 @@ def secagg_parameters(cfg: RecipeConfig, aggregator: Aggregator) -> str | None:
 class RunDriver:
     """Runs a recipe's rounds with the given device fan-out; `run()` trains (resuming) and returns the summary."""
 
-    def __init__(self, cfg: RecipeConfig, fanout: DeviceFanout) -> None:
+    def __init__(self, cfg: RecipeConfig, fanout: DeviceFanout, data: FederatedData | None = None) -> None:
+        """`data` replaces the recipe's data directory (the audit adds canary users to it: pflm/simulation/canaries.py)."""
         if not cfg.data.dir:
             raise PflmError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
         self.cfg = cfg
         self.fanout = fanout
         self.workers, self.torch_threads, self.all_threads = fanout.thread_split(cfg)
         torch.set_num_threads(self.torch_threads)
-        self.fd = FederatedData.open(cfg.data.dir)
+        self.fd = data if data is not None else FederatedData.open(cfg.data.dir)
         self.vocab_size = self.fd.tokenizer.vocab_size
         n_train = self.fd.num_users("train")
         self.population = n_train if cfg.data.train_users == 0 else min(n_train, cfg.data.train_users)

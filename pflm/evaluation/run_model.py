@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from pflm.config import RecipeConfig
-from pflm.config_base import from_dict
+from pflm.schema import from_dict
 from pflm.errors import PflmError
 
 MODEL_FILE = "model.safetensors"

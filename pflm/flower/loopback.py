@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,9 +66,57 @@ def stop(procs: list[subprocess.Popen]) -> None:
             pass
 
 
+class WireTap:
+    """A TCP relay between the SuperNodes and the SuperLink that records every byte the nodes send (what the
+    SuperLink, or anyone on the wire under --insecure, receives from them)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._sent: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def sent(self) -> bytes:
+        with self._lock:
+            return b"".join(self._sent)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if record:
+                    with self._lock:
+                        self._sent.append(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def deploy(recipe: str | Path, overrides: list[str], n_nodes: int, workdir: Path, workers: bool = False,
-           deadline_s: float = 600.0, node_threads: int = 1) -> Path:
-    """Run the recipe on a loopback SuperLink with `n_nodes` SuperNodes; return its run dir (summary written)."""
+           deadline_s: float = 600.0, node_threads: int = 1, tap: bool = False) -> Path:
+    """Run the recipe on a loopback SuperLink with `n_nodes` SuperNodes; return its run dir (summary written).
+    With `tap`, the nodes talk to the SuperLink through a `WireTap` whose recorded bytes are written to
+    `workdir/wire_from_nodes.bin`."""
     workdir = Path(workdir)
     link_port = free_port()
     home, logs = workdir / "flwr_home", workdir / "logs"
@@ -85,6 +134,7 @@ def deploy(recipe: str | Path, overrides: list[str], n_nodes: int, workdir: Path
         raise PflmError("a loopback deployment needs absolute output_dir and data.dir (the apps run elsewhere)")
     policy = write_node_policy(cfg, workdir / "node_policy.json")
     procs: list[subprocess.Popen] = []
+    wire = None
 
     def spawn(name: str, *args: str) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -100,6 +150,10 @@ def deploy(recipe: str | Path, overrides: list[str], n_nodes: int, workdir: Path
         link = spawn("superlink", str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
                      str(link_port), "--disable-runtime-dependency-installation")
         _wait(lambda: _listening(link_port), link, 60, "flower-superlink")
+        node_link = link_port
+        if tap:
+            wire = WireTap(link_port)
+            node_link = wire.port
         for i in range(n_nodes):
             node_config = f"partition-id={i} num-partitions={n_nodes} policy='{policy}' threads={node_threads}"
             if workers:
@@ -108,7 +162,7 @@ def deploy(recipe: str | Path, overrides: list[str], n_nodes: int, workdir: Path
                           "--threads", str(node_threads))
                 _wait(lambda s=sock: s.exists() and Path(f"{s}.key").exists(), w, 120, "pflm node-worker")
                 node_config += f" worker='{sock}'"
-            spawn(f"supernode{i}", str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+            spawn(f"supernode{i}", str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{node_link}",
                   "--port", str(free_port()), "--node-config", node_config)
         run_config = f"recipe='{Path(recipe).resolve()}' overrides='{' '.join(overrides)}' node-wait=120.0"
         started = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", run_config],
@@ -125,4 +179,7 @@ def deploy(recipe: str | Path, overrides: list[str], n_nodes: int, workdir: Path
             time.sleep(0.5)
     finally:
         stop(procs)
+        if wire is not None:
+            wire.close()
+            (workdir / "wire_from_nodes.bin").write_bytes(wire.sent())
     return run_dir

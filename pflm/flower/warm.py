@@ -75,7 +75,7 @@ def serve(socket_path: str | Path, threads: int = 0, max_requests: int = 0) -> N
 
 
 def _handle(conn: Connection) -> None:
-    from pflm.config_base import from_dict
+    from pflm.schema import from_dict
     from pflm.flower.device import node_state, user_updates
 
     try:
