@@ -30,18 +30,23 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _load_scorer(run_dir: str) -> Any:
+def _load_scorer(run_dir: str, **kwargs: Any) -> Any:
     try:
         from pflm.evaluation.lm_scorer import load_scorer
     except ModuleNotFoundError as e:
         if e.name == "pflm.evaluation.lm_scorer":
             raise PflmError("pflm.evaluation.lm_scorer is not available in this install; update pflm") from None
         raise
-    return load_scorer(run_dir)
+    return load_scorer(run_dir, **kwargs)
 
 
 def run_rescore(args: argparse.Namespace) -> int:
-    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig, rescore_files
+    from pflm.evaluation.compare import compare
+    from pflm.evaluation.compare_report import format_lines, to_json, write_plot
+    from pflm.evaluation.nbest import read_nbest
+    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig, evaluate
+    from pflm.evaluation.rescore_systems import ngram_source, parse_named_paths, run_source
+    from pflm.evaluation.tail_words import rare_predicate
 
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
@@ -51,11 +56,25 @@ def run_rescore(args: argparse.Namespace) -> int:
         beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
         batch_size=args.batch_size,
     )
-    scorer = _load_scorer(str(run_dir))
-    report = rescore_files(args.dev, args.test, scorer, config)
-    tuned, test = report.tuned, report.test
-
+    extra = parse_named_paths(args.extra_test, "--extra-test")
+    sources = [run_source(str(run_dir), _load_scorer, args.oov_scoring)]
+    sources += [run_source(d, _load_scorer, args.oov_scoring) for d in args.compare or []]
+    vocab = getattr(sources[0].scorer, "vocab", None)
     out_dir = Path(args.out) if args.out else run_dir / "rescore"
+    if args.ngram_data:
+        sources.append(ngram_source(args.ngram_data, args.ngram_order, vocab, args.oov_scoring))
+    interpolate = (sources[0].name, sources[-1].name) if args.interpolate and args.ngram_data else None
+    if args.interpolate and not args.ngram_data:
+        raise ConfigError("--interpolate mixes the run's LM with the n-gram baseline; also pass --ngram-data DIR")
+    pairs = [(s.name, sources[0].name) for s in sources[1:]]
+    dev_utts = read_nbest(args.dev)  # tuning sees only these; the test sets are scored with the fixed values
+    tests = {"test": read_nbest(args.test), **{k: read_nbest(v) for k, v in extra.items()}}
+    cmp = compare(dev_utts, tests, sources, rare_predicate(args.rare_zipf), config, interpolate=interpolate,
+                  pairs=pairs, vocab=vocab, resamples=args.bootstrap, seed=args.seed)
+    assert cmp.main_tuned is not None
+    tuned = cmp.main_tuned
+    test = evaluate(cmp.main_scored["test"], tuned.alpha, tuned.beta)
+
     summary = {
         "checkpoint": str(run_dir),
         "dev": str(args.dev),
@@ -74,6 +93,9 @@ def run_rescore(args: argparse.Namespace) -> int:
         "rescored_wer": test.rescored_wer,
         "oracle_wer": test.oracle_wer,
         "relative_reduction": test.relative_reduction,
+        "oov_scoring": args.oov_scoring,
+        "extra_test": extra,
+        "comparison": to_json(cmp, args.rare_zipf, args.bootstrap),
     }
     with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -84,7 +106,11 @@ def run_rescore(args: argparse.Namespace) -> int:
             "alpha\tbeta\tdev_wer\n" + "".join(f"{a:.8g}\t{b:.8g}\t{w:.6f}\n" for a, b, w in tuned.grid),
             encoding="utf-8",
         )
+        write_plot(cmp, tmp / "comparison.png")
 
+    for line in format_lines(cmp, args.rare_zipf):
+        print(line)
+    print(f"plot: {out_dir / 'comparison.png'}")
     print(f"tuned on dev over {len(tuned.grid)} (alpha, beta) points: alpha={tuned.alpha:.6g} beta={tuned.beta:.6g}")
     print(f"{'set':<5} {'utts':>6} {'words':>7} {'first_pass':>11} {'rescored':>9} {'oracle':>7}")
     print(
@@ -207,6 +233,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--beta-grid", help="word bonuses: start:stop:step or a,b,c; write --beta-grid=-5:5:0.5 for a negative start "
         "(default: alpha * (-5..5 step 0.5))")
     p.add_argument("--batch-size", type=int, default=256, help="sentences per LM scoring batch")
+    p.add_argument("--extra-test", action="append", metavar="NAME=PATH",
+                   help="another test N-best set scored with the dev-tuned values (e.g. another voice); repeatable")
+    p.add_argument("--compare", action="append", metavar="RUN_DIR",
+                   help="another `pflm train` run to tune and test the same way (e.g. the non-private LM); repeatable")
+    p.add_argument("--ngram-data", metavar="DATA_DIR",
+                   help="train the NON-PRIVATE Kneser-Ney baseline on this `pflm prepare` store's train split")
+    p.add_argument("--ngram-order", type=int, default=3, help="n-gram baseline order (default: 3)")
+    p.add_argument("--interpolate", action="store_true",
+                   help="also tune a log-linear mix of the run's LM and the n-gram baseline (NON-PRIVATE)")
+    p.add_argument("--oov-scoring", choices=("public", "unk"), default="public",
+                   help="OOV words: <unk> + public wordfreq/character prior (default) or <unk> alone")
+    p.add_argument("--rare-zipf", type=float, default=3.0,
+                   help="a word is rare below this public wordfreq Zipf frequency (default 3.0 = 1 per million)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap / permutation resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutation draws (public)")
     p.set_defaults(func=run_rescore)
 
     q = subparsers.add_parser("nbest", help="synthesize sentences (flite), decode (pocketsphinx), write N-best JSONL")
