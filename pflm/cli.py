@@ -44,6 +44,12 @@ def _rescore(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _pretrain(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.pretrain import register
+
+    register(sub)
+
+
 COMMANDS: dict[str, Registrar] = {
     "prepare": _prepare,
     "train": _train,
@@ -52,6 +58,7 @@ COMMANDS: dict[str, Registrar] = {
     "privacy": _privacy,
     "rescore": _rescore,
     "nbest": _rescore,
+    "pretrain": _pretrain,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 

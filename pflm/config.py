@@ -158,6 +158,7 @@ class ServerConfig:
     adam_eps: float = 1e-3
     init_output_bias: Literal["prior", "zero"] = "prior"  # start the output bias at log of the public prior
     zero_output_weight: bool = False  # start the output weights at 0: rows no device trains keep exactly the prior
+    init_from: str = ""  # start from public pretrained weights (`pflm pretrain` OUT/model.safetensors; pflm/model/pretrained.py)
     lora_merge_every: int = 0  # with LoRA: fold adapters into the base weights every N rounds (0 = never)
     eval_every: int = 5  # validation perplexity every N rounds (and at the end)
     checkpoint_every: int = 5

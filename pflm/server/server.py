@@ -53,6 +53,10 @@ class FederatedServer:
         if cfg.server.zero_output_weight:
             with torch.no_grad():
                 self.model.output_weight().zero_()
+        if cfg.server.init_from:  # public pretrained weights only (refused without public provenance)
+            from pflm.model.pretrained import load_pretrained, manifest_tokenizer_sha256
+
+            load_pretrained(self.model, cfg.server.init_from, manifest_tokenizer_sha256(cfg.data.dir))
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
         self.privacy = DPMechanism(cfg, population, run_key, data_privacy)
