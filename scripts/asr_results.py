@@ -49,6 +49,20 @@ class CachedScorer:
         return [self.cache[t] for t in texts]
 
 
+class WithoutSpread:
+    """`<unk>`-only scores derived from cached public-prior scores: subtract log p_public(w) of every OOV word."""
+
+    def __init__(self, cached: CachedScorer, vocab, prior) -> None:
+        self.inner, self.vocab, self.prior = cached, vocab, prior
+
+    def normalize(self, text: str) -> str:
+        return self.inner.normalize(text)
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [s - sum(self.prior.logprob(w) for w in t.split() if w not in self.vocab)
+                for s, t in zip(self.inner.score(texts), texts)]
+
+
 def _key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -82,8 +96,15 @@ def main() -> int:
 
         first = load_scorer(args.runs[0])
         t0 = time.time()
-        lm, normalize = train_ngram_baseline(args.data, order=args.order, vocab=first.vocab)
-        report["ngram_train_seconds"] = time.time() - t0
+        lm_cache = cache / f"kn{args.order}-model-{_key(str(Path(args.data).resolve()), str(len(first.vocab)))}.pkl"
+        if lm_cache.is_file():
+            from pflm.data.store import FederatedData
+
+            lm, normalize = pickle.loads(lm_cache.read_bytes()), FederatedData.open(args.data).normalizer
+        else:
+            lm, normalize = train_ngram_baseline(args.data, order=args.order, vocab=first.vocab)
+            lm_cache.write_bytes(pickle.dumps(lm))
+            report["ngram_train_seconds"] = time.time() - t0
         report["ngram_sizes"] = [len(lm.prob[k]) for k in range(1, args.order + 1)]
         arpa = lm.write_arpa(out / f"kn{args.order}.arpa")
         if args.kenlm:
@@ -97,21 +118,24 @@ def main() -> int:
             report["kenlm_check"] = {"sentences": len(sents), "max_abs_diff_nats": max(diffs)}
             print(f"kenlm check on {len(sents)} sentences: max |diff| {max(diffs):.2e} nats")
         ngram = (lm, normalize, PublicOOVPrior(lm.vocab), PRIVACY_LABEL, NgramScorer)
+    cached = []  # (name, privacy, CachedScorer of public-prior scores, vocab, prior)
+    for run in args.runs:
+        inner = load_scorer(run, oov_scoring="public")
+        path = cache / f"{Path(run).name}-{_key(str(Path(run).resolve()), 'public')}.pkl"
+        cached.append((f"LM {Path(run).name}", privacy_label(Path(run)), CachedScorer(inner, path), inner.vocab,
+                       inner.oov_prior))
+    if ngram:
+        lm, normalize, prior, label, cls = ngram
+        path = cache / f"kn{args.order}-{_key(str(Path(args.data).resolve()), 'public', str(len(lm.vocab)))}.pkl"
+        sc = cls(lm, normalize, prior)
+        cached.append((f"{args.order}-gram KN", label, CachedScorer(sc, path), sc.vocab, prior))
     for oov in args.oov:
-        sources = []
-        for run in args.runs:
-            inner = load_scorer(run, oov_scoring=oov)
-            path = cache / f"{Path(run).name}-{_key(str(Path(run).resolve()), oov)}.pkl"
-            sources.append(LMSource(f"LM {Path(run).name}", privacy_label(Path(run)), CachedScorer(inner, path)))
-        if ngram:
-            lm, normalize, prior, label, cls = ngram
-            inner = cls(lm, normalize, prior if oov == "public" else None)
-            path = cache / f"kn{args.order}-{_key(str(Path(args.data).resolve()), oov, str(len(lm.vocab)))}.pkl"
-            sources.append(LMSource(f"{args.order}-gram KN", label, CachedScorer(inner, path)))
+        sources = [LMSource(name, priv, c if oov == "public" else WithoutSpread(c, vocab, prior))
+                   for name, priv, c, vocab, prior in cached]
         t0 = time.time()
         cmp = compare(dev, tests, sources, rare_predicate(args.rare_zipf),
                       interpolate=(sources[0].name, sources[-1].name) if ngram else None,
-                      pairs=[(s.name, sources[0].name) for s in sources[1:]], vocab=sources[0].scorer.vocab,
+                      pairs=[(s.name, sources[0].name) for s in sources[1:]], vocab=cached[0][3],
                       resamples=args.bootstrap)
         lines = format_lines(cmp, args.rare_zipf)
         (out / f"table_oov_{oov}.txt").write_text("\n".join(lines) + "\n")

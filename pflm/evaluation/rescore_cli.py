@@ -62,6 +62,8 @@ def run_rescore(args: argparse.Namespace) -> int:
     vocab = getattr(sources[0].scorer, "vocab", None)
     out_dir = Path(args.out) if args.out else run_dir / "rescore"
     if args.ngram_data:
+        print("NOTE: the n-gram baseline is trained on the train users' text WITHOUT noise: its rows (and the "
+              "interpolation) are NON-PRIVATE comparisons, not covered by any epsilon; do not publish them as private")
         sources.append(ngram_source(args.ngram_data, args.ngram_order, vocab, args.oov_scoring))
     interpolate = (sources[0].name, sources[-1].name) if args.interpolate and args.ngram_data else None
     if args.interpolate and not args.ngram_data:
