@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from pflm.cli import main
 from pflm.config import load_recipe
 from pflm.data.corpora import public_text
-from pflm.device.trainer import build_device_model
+from pflm.model.factory import build_model
 from pflm.errors import ConfigError
 from pflm.model.pretrained import load_pretrained, manifest_tokenizer_sha256
 from pflm.simulation.simulator import Simulator
@@ -45,7 +45,7 @@ def test_pretrain_writes_public_provenance_and_learns(pretrained, synthetic_data
 def test_federated_run_starts_from_the_pretrained_weights(pretrained, synthetic_data, tmp_path):
     weights = pretrained / "model.safetensors"
     cfg = load_recipe("recipes/tiny_synthetic.yaml", tiny_overrides(synthetic_data, str(tmp_path)) + SMALL)
-    model = build_device_model(cfg, 300)
+    model = build_model(cfg.model, 300)
     load_pretrained(model, weights, manifest_tokenizer_sha256(synthetic_data))
     state = load_file(str(weights))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -59,7 +59,7 @@ def test_weights_without_public_provenance_are_refused(pretrained, synthetic_dat
     """An operator must not smuggle a model fitted to the users' own text in as the starting point."""
     weights = pretrained / "model.safetensors"
     cfg = load_recipe("recipes/tiny_synthetic.yaml", tiny_overrides(synthetic_data, str(tmp_path)) + SMALL)
-    model = build_device_model(cfg, 300)
+    model = build_model(cfg.model, 300)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "model.safetensors").write_bytes(weights.read_bytes())
@@ -71,6 +71,6 @@ def test_weights_without_public_provenance_are_refused(pretrained, synthetic_dat
         load_pretrained(model, fake / "model.safetensors", None)
     with pytest.raises(ConfigError, match="another tokenizer"):
         load_pretrained(model, weights, "0" * 64)
-    bigger = build_device_model(load_recipe("recipes/tiny_synthetic.yaml", ["model.embedding_dim=24"]), 300)
+    bigger = build_model(load_recipe("recipes/tiny_synthetic.yaml", ["model.embedding_dim=24"]).model, 300)
     with pytest.raises(ConfigError, match="does not match"):
         load_pretrained(bigger, weights, None)

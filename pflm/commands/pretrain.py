@@ -48,7 +48,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from pflm.config import load_recipe
     from pflm.data.corpora import public_text
     from pflm.data.store import FederatedData
-    from pflm.device.trainer import build_device_model
+    from pflm.model.factory import build_model
     from pflm.evaluation.perplexity import build_eval_set, evaluate
     from pflm.io_utils import atomic_directory
     from pflm.model.pretrained import PROVENANCE_FILE, WEIGHTS_FILE, file_sha256
@@ -70,7 +70,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     held = [s for i, s in enumerate(ids) if i % HELDOUT_EVERY == 0 and s]
     train = [s for i, s in enumerate(ids) if i % HELDOUT_EVERY != 0 and s]
     held_es = build_eval_set(held, [texts[i] for i in range(len(ids)) if i % HELDOUT_EVERY == 0 and ids[i]], 120)
-    model = build_device_model(cfg, fd.vocab_size)
+    model = build_model(cfg.model, fd.vocab_size)
     if fd.privacy_info["prior"] != "private":
         with torch.no_grad():
             model.output_bias().copy_(torch.as_tensor(prior_log_probs(fd.prior_counts()), dtype=torch.float32))

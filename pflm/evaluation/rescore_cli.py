@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,47 +41,62 @@ def _load_scorer(run_dir: str, **kwargs: Any) -> Any:
     return load_scorer(run_dir, **kwargs)
 
 
-def run_rescore(args: argparse.Namespace) -> int:
+@dataclass
+class RescoreOptions:
+    """What `pflm rescore` compares beyond the run's own LM (defaults: nothing else; see docs/rescoring.md)."""
+
+    extra_test: dict[str, str] = field(default_factory=dict)
+    compare: list[str] = field(default_factory=list)
+    ngram_data: str | None = None
+    ngram_order: int = 3
+    interpolate: bool = False
+    oov_scoring: str = "public"
+    rare_zipf: float = 3.0
+    bootstrap: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class RescoreResult:
+    tuned: Any  # TuneResult of the run's LM
+    test: Any  # EvalResult on --test
+    comparison: Any  # pflm.evaluation.compare.Comparison
+
+
+def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: Any, out_dir: Path,
+                options: RescoreOptions | None = None) -> RescoreResult:
+    """Rescore with run_dir's LM (and the systems `options` add), every weight tuned on dev only; write
+    out_dir/{summary.json,test_utterances.jsonl,dev_grid.tsv,comparison.png} atomically."""
     from pflm.evaluation.compare import compare
-    from pflm.evaluation.compare_report import format_lines, to_json, write_plot
+    from pflm.evaluation.compare_report import to_json, write_plot
     from pflm.evaluation.nbest import read_nbest
-    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig, evaluate
-    from pflm.evaluation.rescore_systems import ngram_source, parse_named_paths, run_source
+    from pflm.evaluation.rescore import evaluate
+    from pflm.evaluation.rescore_systems import ngram_source, run_source
     from pflm.evaluation.tail_words import rare_predicate
 
-    run_dir = Path(args.checkpoint)
-    if not run_dir.exists():
-        raise DataError(f"--checkpoint {run_dir} does not exist; pass a `pflm train` run directory")
-    config = RescoreConfig(
-        alpha_grid=parse_grid(args.alpha_grid, "alpha-grid") if args.alpha_grid else DEFAULT_ALPHA_GRID,
-        beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
-        batch_size=args.batch_size,
-    )
-    extra = parse_named_paths(args.extra_test, "--extra-test")
-    sources = [run_source(str(run_dir), _load_scorer, args.oov_scoring)]
-    sources += [run_source(d, _load_scorer, args.oov_scoring) for d in args.compare or []]
+    opt = options or RescoreOptions()
+    if opt.interpolate and not opt.ngram_data:
+        raise ConfigError("--interpolate mixes the run's LM with the n-gram baseline; also pass --ngram-data DIR")
+    sources = [run_source(str(run_dir), _load_scorer, opt.oov_scoring)]
+    sources += [run_source(d, _load_scorer, opt.oov_scoring) for d in opt.compare]
     vocab = getattr(sources[0].scorer, "vocab", None)
-    out_dir = Path(args.out) if args.out else run_dir / "rescore"
-    if args.ngram_data:
+    if opt.ngram_data:
         print("NOTE: the n-gram baseline is trained on the train users' text WITHOUT noise: its rows (and the "
               "interpolation) are NON-PRIVATE comparisons, not covered by any epsilon; do not publish them as private")
-        sources.append(ngram_source(args.ngram_data, args.ngram_order, vocab, args.oov_scoring))
-    interpolate = (sources[0].name, sources[-1].name) if args.interpolate and args.ngram_data else None
-    if args.interpolate and not args.ngram_data:
-        raise ConfigError("--interpolate mixes the run's LM with the n-gram baseline; also pass --ngram-data DIR")
+        sources.append(ngram_source(opt.ngram_data, opt.ngram_order, vocab, opt.oov_scoring))
+    interpolate = (sources[0].name, sources[-1].name) if opt.interpolate else None
     pairs = [(s.name, sources[0].name) for s in sources[1:]]
-    dev_utts = read_nbest(args.dev)  # tuning sees only these; the test sets are scored with the fixed values
-    tests = {"test": read_nbest(args.test), **{k: read_nbest(v) for k, v in extra.items()}}
-    cmp = compare(dev_utts, tests, sources, rare_predicate(args.rare_zipf), config, interpolate=interpolate,
-                  pairs=pairs, vocab=vocab, resamples=args.bootstrap, seed=args.seed)
+    dev_utts = read_nbest(dev)  # tuning sees only these; the test sets are scored with the fixed values
+    tests = {"test": read_nbest(test_path), **{k: read_nbest(v) for k, v in opt.extra_test.items()}}
+    cmp = compare(dev_utts, tests, sources, rare_predicate(opt.rare_zipf), config, interpolate=interpolate,
+                  pairs=pairs, vocab=vocab, resamples=opt.bootstrap, seed=opt.seed)
     assert cmp.main_tuned is not None
     tuned = cmp.main_tuned
     test = evaluate(cmp.main_scored["test"], tuned.alpha, tuned.beta)
-
     summary = {
         "checkpoint": str(run_dir),
-        "dev": str(args.dev),
-        "test": str(args.test),
+        "dev": str(dev),
+        "test": str(test_path),
         "alpha": tuned.alpha,
         "beta": tuned.beta,
         "grid_points": len(tuned.grid),
@@ -95,9 +111,9 @@ def run_rescore(args: argparse.Namespace) -> int:
         "rescored_wer": test.rescored_wer,
         "oracle_wer": test.oracle_wer,
         "relative_reduction": test.relative_reduction,
-        "oov_scoring": args.oov_scoring,
-        "extra_test": extra,
-        "comparison": to_json(cmp, args.rare_zipf, args.bootstrap),
+        "oov_scoring": opt.oov_scoring,
+        "extra_test": opt.extra_test,
+        "comparison": to_json(cmp, opt.rare_zipf, opt.bootstrap),
     }
     with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -109,8 +125,31 @@ def run_rescore(args: argparse.Namespace) -> int:
             encoding="utf-8",
         )
         write_plot(cmp, tmp / "comparison.png")
+    return RescoreResult(tuned, test, cmp)
 
-    for line in format_lines(cmp, args.rare_zipf):
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from pflm.evaluation.compare_report import format_lines
+    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig
+    from pflm.evaluation.rescore_systems import parse_named_paths
+
+    run_dir = Path(args.checkpoint)
+    if not run_dir.exists():
+        raise DataError(f"--checkpoint {run_dir} does not exist; pass a `pflm train` run directory")
+    config = RescoreConfig(
+        alpha_grid=parse_grid(args.alpha_grid, "alpha-grid") if args.alpha_grid else DEFAULT_ALPHA_GRID,
+        beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
+        batch_size=args.batch_size,
+    )
+    options = RescoreOptions(
+        extra_test=parse_named_paths(args.extra_test, "--extra-test"), compare=list(args.compare or []),
+        ngram_data=args.ngram_data, ngram_order=args.ngram_order, interpolate=args.interpolate,
+        oov_scoring=args.oov_scoring, rare_zipf=args.rare_zipf, bootstrap=args.bootstrap, seed=args.seed,
+    )
+    out_dir = Path(args.out) if args.out else run_dir / "rescore"
+    result = rescore_run(run_dir, args.dev, args.test, config, out_dir, options)
+    tuned, test = result.tuned, result.test
+    for line in format_lines(result.comparison, options.rare_zipf):
         print(line)
     print(f"plot: {out_dir / 'comparison.png'}")
     print(f"tuned on dev over {len(tuned.grid)} (alpha, beta) points: alpha={tuned.alpha:.6g} beta={tuned.beta:.6g}")
