@@ -63,7 +63,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
                         "vocabulary (`pflm prepare --tokenizer-input wordfreq`)")
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
-    texts = [t for t in (fd.normalizer(s) for s in public_text.sentences()) if t]
+    # distinct sentences only: the corpus repeats many questions, which would leak into the held-out split
+    texts = list(dict.fromkeys(t for t in (fd.normalizer(s) for s in public_text.sentences()) if t))
     if args.max_sentences:
         texts = texts[: args.max_sentences]
     ids = fd.tokenizer.encode(texts)
