@@ -177,11 +177,11 @@ def optimize_blt(n: int, buffers: int, b: int, k: int) -> tuple[tuple[float, ...
         return math.log(val) if np.isfinite(val) and val > 0 else 1e6
 
     best: tuple[float, np.ndarray] | None = None
-    for spread in (1.0, 0.5, 2.0):
+    for spread in (1.0, 0.5):
         th0 = 1.0 - np.power(float(n), -spread * (np.arange(d) + 1) / d)
         th0 = np.clip(th0, 1e-3, 1 - 1e-6)
         v0 = np.concatenate([np.log(th0 / (1 - th0)), np.zeros(d), [0.0]])
-        res = optimize.minimize(loss, v0, method="L-BFGS-B", options={"maxiter": 400})
+        res = optimize.minimize(loss, v0, method="L-BFGS-B", options={"maxiter": 300})
         if best is None or res.fun < best[0]:
             best = (float(res.fun), res.x)
     assert best is not None
