@@ -65,3 +65,24 @@ def test_cli_calibrate_then_epsilon_round_trip(capsys):
     assert back["epsilon"] == pytest.approx(cal["epsilon"]) and back["epsilon"] <= 2.0
     rc, _, err = _cli(capsys, "calibrate", "--epsilon", "2", "--sampling-rate", "0.1", *common)
     assert rc == 2 and "does not apply" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mechanism_accounts_the_prefix_and_refuses_what_it_cannot_cover():
+    from pflm.config import load_recipe
+    from pflm.errors import ConfigError, PflmError
+    from pflm.privacy.mechanism import build_mechanism
+    from pflm.secure_random import new_key
+
+    over = ["privacy.mechanism=dpftrl", "server.sampling=available", "privacy.noise_multiplier=0", "server.rounds=12",
+            "privacy.target_epsilon=3", "server.min_separation=3", "privacy.dpftrl.kind=banded_mf",
+            "privacy.adaptive_clipping.enabled=true", "privacy.adaptive_clipping.count_noise_std=5", "data.dir=x"]
+    mech = build_mechanism(load_recipe("recipes/tiny_synthetic.yaml", over), 100, new_key())
+    eps = [mech.account_round()["epsilon"] for _ in range(12)]
+    assert eps == sorted(eps) and 3 * (1 - 2e-4) <= eps[-1] <= 3.0  # the prefix ε grows to the calibrated target
+    assert mech.summary()["dpftrl"]["max_participations"] == 4 and "adaptive-clipping" in mech.summary()["epsilon_refers_to"]
+    with pytest.raises(PflmError, match="same correlated"):
+        mech.account_round(releases=2)
+    state = mech.state_dict()
+    other = build_mechanism(load_recipe("recipes/tiny_synthetic.yaml", [*over, "server.min_separation=2"]), 100, new_key())
+    with pytest.raises(ConfigError, match="keep them fixed"):
+        other.load_state_dict(state)
