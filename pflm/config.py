@@ -194,6 +194,9 @@ class ServerConfig:
         _check(0 < self.availability <= 1, "server.availability must be a probability in (0, 1]")
         _check(self.min_separation >= 1, "server.min_separation must be >= 1 (1 = no separation limit)")
         _check(self.max_participations >= 0, "server.max_participations must be >= 0 (0 = no limit beyond min_separation)")
+        _check(self.sampling == "available" or (self.min_separation, self.max_participations, self.availability)
+               == (1, 0, 1.0), "server.min_separation/max_participations/availability apply only to "
+               "server.sampling=available (they would be ignored); set server.sampling=available or remove them")
 
 
 @dataclass

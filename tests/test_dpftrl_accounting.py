@@ -86,3 +86,12 @@ def test_mechanism_accounts_the_prefix_and_refuses_what_it_cannot_cover():
     other = build_mechanism(load_recipe("recipes/tiny_synthetic.yaml", [*over, "server.min_separation=2"]), 100, new_key())
     with pytest.raises(ConfigError, match="keep them fixed"):
         other.load_state_dict(state)
+
+
+def test_cli_plan_for_dpftrl_writes_the_grid(capsys, tmp_path):
+    rc, out, _ = _cli(capsys, "plan", "--mechanism", "dpftrl", "--kind", "banded_mf", "--epsilon", "2", "--delta",
+                      "1e-6", "--population", "1000", "--cohorts", "50", "100", "--rounds", "40", "--dim", "1000",
+                      "--out", str(tmp_path / "p"), "--json")
+    rows = json.loads(out)["rows"]
+    assert rc == 0 and [r["min_separation"] for r in rows] == [20, 10] and [r["max_participations"] for r in rows] == [2, 4]
+    assert all(r["epsilon"] <= 2.0 for r in rows) and (tmp_path / "p" / "plan.csv").exists()

@@ -59,6 +59,8 @@ def test_dpftrl_recipe_refusals_are_one_line():
         load_recipe(RECIPE, ["privacy.mechanism=dpftrl", "privacy.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match="peu.mode=all or peu.mode=topk"):
         load_recipe(RECIPE, ["privacy.mechanism=dpftrl", "server.sampling=available", "peu.mode=sampled", "peu.k=50"])
+    with pytest.raises(ConfigError, match="apply only to server.sampling=available"):
+        load_recipe(RECIPE, ["server.min_separation=5"])
     with pytest.raises(ConfigError, match="Poisson"):
         load_recipe(RECIPE, ["server.sampling=available", "privacy.noise_multiplier=1.0"])
 
