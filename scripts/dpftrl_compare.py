@@ -20,6 +20,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="LABEL=RUN_DIR")
     ap.add_argument("--out", required=True, help="PNG path for the curves")
+    ap.add_argument("--title", default="chitchat, ε = 2 (δ = 1e-6), no amplification assumed")
     args = ap.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     print("| run | strategy | σ | sensitivity | σ/sens | final ε | val ppl | test ppl | s/round |")
@@ -42,7 +43,7 @@ def main() -> int:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("chitchat, ε = 2 (δ = 1e-6), no amplification assumed")
+    ax.set_title(args.title)
     fig.savefig(args.out, dpi=110, bbox_inches="tight")
     return 0
 
