@@ -60,7 +60,8 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 
 
 def build_device_model(cfg: RecipeConfig, vocab_size: int, dp_compatible: bool = False) -> torch.nn.Module:
     """The recipe's LM (with LoRA adapters when model.lora.rank > 0) over `vocab_size` rows."""
-    return build_model(cfg.model, vocab_size, dp_compatible=dp_compatible)
+    fused = dp_compatible and cfg.dpsgd.fused_lstm and cfg.dpsgd.grad_sample_mode in ("ghost", "hooks")
+    return build_model(cfg.model, vocab_size, dp_compatible=dp_compatible, fused_dp_lstm=fused)
 
 
 class DeviceTrainer:
