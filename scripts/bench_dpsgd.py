@@ -58,7 +58,7 @@ def run_child(args: argparse.Namespace) -> dict:
         f"dpsgd.fused_lstm={'true' if lstm == 'fused' else 'false'}",
         "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
         f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
-        f"dpsgd.grad_sample_mode={mode or 'hooks'}", "dpsgd.noise_multiplier=1.0", "dpsgd.max_grad_norm=1.0",
+        f"dpsgd.grad_sample_mode={mode or 'hooks'}", f"dpsgd.noise_multiplier={args.sigma}", "dpsgd.max_grad_norm=1.0",
         f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", f"data.max_tokens={args.seq}",
     ]
     cfg = load_recipe(None, over)
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=2000, help="PEU rows per round")
     ap.add_argument("--lora-rank", type=int, default=8, help="0 = no LoRA (every weight trained)")
     ap.add_argument("--dims", default="256/512", help="embedding/hidden size")
+    ap.add_argument("--sigma", type=float, default=1.0, help="device noise multiplier (0: no CSPRNG noise draws, "
+                    "i.e. the cost of per-sample clipping alone)")
     ap.add_argument("--passes", type=int, default=1, help="run the config list this many times, interleaved; "
                     "medians over passes")
     ap.add_argument("--batch", type=int, default=16)

@@ -126,3 +126,26 @@ def test_device_update_equals_opacus_dplstm(mode):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
     other = _device_update(True, mode, new_key())  # and the comparison can fail: another key, another update
     assert not torch.allclose(other, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_outlier_sentence_is_clipped_on_the_fused_path():
+    """Attacker's view: one sentence with a gradient 10^4 times larger (a canary) moves the clipped sum by at most
+    2·C; if the fused path under-estimated that sentence's LSTM norm, the canary would show through."""
+    x, y, mask = _batch()
+    clip = 0.05
+    grads = []
+    for boost in (1.0, 1e4):
+        _, model = _pair(1, 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                   max_grad_norm=clip, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0,
+                                              max_grad_norm=clip, expected_batch_size=5, loss_reduction="mean")
+        weights = torch.ones(5, dtype=torch.float64)
+        weights[2] = boost
+        per_seq = _per_seq_loss(gsm, x, y, mask) * weights
+        ghost_clipped_backward(gsm, opt, per_seq, skip=[model.output.weight, model.output.bias])
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+        gsm._close()
+    assert float(grads[1].norm()) <= 5 * clip * (1 + 1e-9)
+    assert float((grads[1] - grads[0]).norm()) <= 2 * clip * (1 + 1e-9)
