@@ -51,6 +51,9 @@ VARIANTS: dict[str, dict] = {
                      "device.train_embeddings": True, "device.loss": "nce", "device.num_samples": 256},
     "dpsgd": {"dpsgd.enabled": True, "dpsgd.grad_sample_mode": "ghost", "dpsgd.max_grad_norm": 1.0,
               "dpsgd.noise_multiplier": 1.0},
+    # the same with Opacus' step-by-step DPLSTM instead of pflm's fused one (pflm.model.fused_dplstm): before/after
+    "dpsgd_opacus_lstm": {"dpsgd.enabled": True, "dpsgd.grad_sample_mode": "ghost", "dpsgd.max_grad_norm": 1.0,
+                          "dpsgd.noise_multiplier": 1.0, "dpsgd.fused_lstm": False},
 }
 # The fastest recipe for section (g): Partial Embedding Updates with the 500 most frequent rows (devices train a
 # full softmax over those rows only). Tried and slower to the target: sampled softmax (256 noise words; validation
@@ -310,9 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     ap.add_argument("--fast", default="", help="extra k=v overrides of the fast recipe (space separated)")
     ap.add_argument("--repeats", type=int, help="timed repeats of each compared run (default: the preset's)")
+    ap.add_argument("--variant-cohorts", help="comma list of cohort sizes for the variants section (default: the preset's)")
+    ap.add_argument("--variants", default="peu_lora_nce,dpsgd,dpsgd_opacus_lstm", help="variants section: which ones")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
+    if args.variant_cohorts:
+        p["variant_cohorts"] = [int(c) for c in args.variant_cohorts.split(",")]
     if args.repeats:
         p["repeats"] = p["scaling_repeats"] = p["eval_repeats"] = args.repeats
     sections = [s for s in args.sections.split(",") if s]
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["parallel"] = parallel_gain(mk, args.round, p["repeats"], args.threads, sorted({1, args.threads}))
     if "variants" in sections:
         doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
-                           for v in ("peu_lora_nce", "dpsgd")}
+                           for v in args.variants.split(",")}
     if "eval" in sections:
         doc["eval"] = eval_speed(base_sim, p["eval_repeats"])
     if "ttp" in sections:
