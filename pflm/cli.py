@@ -32,6 +32,12 @@ def _device_report(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _node_worker(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.node_worker import register
+
+    register(sub)
+
+
 def _privacy(sub: argparse._SubParsersAction) -> None:
     from pflm.privacy.cli import register
 
@@ -44,14 +50,32 @@ def _rescore(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.sweep import register
+
+    register(sub)
+
+
+def _report(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.report import register
+def _audit(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.audit import register
+
+    register(sub)
+
+
 COMMANDS: dict[str, Registrar] = {
     "prepare": _prepare,
     "train": _train,
     "eval": _train,
     "device-report": _device_report,
+    "node-worker": _node_worker,
     "privacy": _privacy,
     "rescore": _rescore,
     "nbest": _rescore,
+    "sweep": _sweep,
+    "report": _report,
+    "audit": _audit,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 

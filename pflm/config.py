@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pflm.aggregator.secagg.config import SecAggConfig
-from pflm.config_base import apply_overrides, from_dict, load_yaml, to_dict
+from pflm.aggregator.secagg.options import SecAggConfig
+from pflm.schema import apply_overrides, from_dict, load_yaml, to_dict
 from pflm.errors import ConfigError
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -132,6 +133,11 @@ class PrivacyConfig:
         if self.target_epsilon is not None:
             _check(self.target_epsilon > 0, "privacy.target_epsilon must be > 0")
             _check(
+                math.isfinite(self.target_epsilon),
+                "privacy.target_epsilon must be finite; for a non-private run set privacy.target_epsilon=null "
+                "privacy.noise_multiplier=0 (`pflm sweep` grids accept inf for that)",
+            )
+            _check(
                 not self.noise_multiplier,
                 "give privacy.target_epsilon or a non-zero privacy.noise_multiplier, not both (σ is calibrated from ε)",
             )
@@ -202,6 +208,13 @@ class FaultsConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Extra sinks for the released per-round metrics (the same values as metrics.jsonl's RELEASED keys)."""
+
+    tensorboard: bool = False  # also write them as TensorBoard scalars under RUN_DIR/tensorboard
+
+
+@dataclass
 class RecipeConfig:
     name: str = "run"
     seed: int = 0
@@ -220,6 +233,7 @@ class RecipeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")

@@ -8,9 +8,12 @@ device turns its clipped update into an `Upload` → the aggregator reveals an `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # the spec's type lives with the device stage; a plan only carries it
+    from pflm.device.spec import DeviceSpec
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RoundPlan:
     rows: torch.Tensor | None  # selected global vocabulary rows (None = all)
     device_state: dict[str, torch.Tensor]  # the device model's weights for this round
     ctx: RoundContext
+    spec: DeviceSpec  # how devices train and clip (the device half of the recipe; devices never see the recipe)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from pflm.config import load_recipe
+    from pflm.device.spec import DeviceSpec
     from pflm.device.trainer import DeviceTrainer
     from pflm.secure_random import new_key
 
@@ -66,7 +67,7 @@ def run_child(args: argparse.Namespace) -> dict:
     counts = (1.0 / np.arange(1, args.vocab + 1) ** 1.1) * 1e7  # Zipf prior; ids 0-3 are specials
     counts[:4] = 0
     t0 = time.perf_counter()
-    trainer = DeviceTrainer(cfg, args.vocab, counts)
+    trainer = DeviceTrainer(DeviceSpec.from_recipe(cfg, args.vocab), counts)
     build_s = time.perf_counter() - t0
     rows = torch.arange(args.k) if peu else None  # the k most frequent ids (specials included)
     trainer.load_round(0, trainer.model.state_dict(), rows)

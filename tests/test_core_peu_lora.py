@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pflm.config import PEUConfig, load_recipe
-from pflm.model.config import LoraConfig, ModelConfig
+from pflm.model.options import LoraConfig, ModelConfig
 from pflm.model.factory import build_model
 from pflm.model.lora import expected_lora_parameter_count
 from pflm.server.lora_refresh import fold_and_restart

@@ -13,6 +13,7 @@ import torch
 from pflm.config import load_recipe
 from pflm.device.batching import device_setup
 from pflm.device.dpsgd import NOISE_PURPOSE, dpsgd_random
+from pflm.device.spec import DeviceSpec
 from pflm.device.trainer import DeviceTrainer
 from pflm.errors import ConfigError
 from pflm.secure_random import derive_key, new_key, subkey
@@ -37,7 +38,7 @@ def sentences(n: int = 24) -> list[list[int]]:
 
 def make_trainer(cfg) -> DeviceTrainer:
     torch.manual_seed(0)  # the same initial model in every trainer (it stands in for the server's model)
-    tr = DeviceTrainer(cfg, VOCAB, np.ones(VOCAB))
+    tr = DeviceTrainer(DeviceSpec.from_recipe(cfg, VOCAB), np.ones(VOCAB))
     tr.load_round(ROUND, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}, None)
     return tr
 
@@ -190,11 +191,21 @@ def test_device_setup_is_keyed_and_refuses_a_seed():
 
 def test_reproducible_mode_key_matches_the_simulator_recipe():
     """privacy.reproducible: the Flower node's key is subkey(derive_key(seed), "device", round, user)."""
+    from types import SimpleNamespace
+
+    from pflm.errors import PflmError
     from pflm.flower.device import device_key
+    from pflm.flower.policy import NodePolicy
 
     cfg = recipe()
     setattr(cfg.privacy, "reproducible", True)
-    assert device_key(cfg, ROUND, USER) == subkey(derive_key(SEED), "device", ROUND, USER)
+    spec = DeviceSpec.from_recipe(cfg, VOCAB)
+    node = SimpleNamespace(spec=spec, policy=NodePolicy(allow_reproducible=True))
+    assert device_key(node, SEED, ROUND, USER) == subkey(derive_key(SEED), "device", ROUND, USER)
+    node.policy = NodePolicy()  # a node that does not allow seed-derived keys refuses instead
+    with pytest.raises(PflmError, match="does not allow"):
+        device_key(node, SEED, ROUND, USER)
     setattr(cfg.privacy, "reproducible", False)
-    k1, k2 = device_key(cfg, ROUND, USER), device_key(cfg, ROUND, USER)
+    node.spec = DeviceSpec.from_recipe(cfg, VOCAB)
+    k1, k2 = device_key(node, SEED, ROUND, USER), device_key(node, SEED, ROUND, USER)
     assert k1 != k2 and len(k1) == 32  # fresh per call

@@ -32,7 +32,7 @@ from pflm.flower.client_app import app as client_app
 from pflm.flower.server_app import flower_driver
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
-from tests.test_flower_server import RECIPE, _cfg, _metrics
+from tests.test_flower_server import RECIPE, _cfg, _metrics, node_policy_file  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ with a clear message.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from pflm.config import load_recipe
 from pflm.errors import PflmError
 from pflm.flower import codec
 from pflm.flower.client_app import app as client_app
+from pflm.flower.policy import POLICY_ENV, write_node_policy
 from pflm.flower.server_app import flower_driver
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
@@ -72,11 +74,22 @@ class LoopGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
+@pytest.fixture(autouse=True)
+def node_policy_file(tmp_path, monkeypatch):
+    """The loop-grid nodes' trusted policy file ($PFLM_NODE_POLICY); `_cfg` writes the recipe's into it (the test
+    plays every node's owner, as `pflm train backend=flower` does for its simulated nodes)."""
+    path = tmp_path / "node_policy.json"
+    monkeypatch.setenv(POLICY_ENV, str(path))
+    return path
+
+
 def _cfg(data, tmp_path, **extra):
     base = {"server.rounds": 2, "server.cohort_size": 8, "flower.num_supernodes": 3, "backend": "flower",
             "server.sampling": "fixed"}
     base.update(extra)
-    return load_recipe(RECIPE, tiny_overrides(data, str(tmp_path), **base))
+    cfg = load_recipe(RECIPE, tiny_overrides(data, str(tmp_path), **base))
+    write_node_policy(cfg, os.environ[POLICY_ENV])
+    return cfg
 
 
 def _metrics(cfg) -> list[dict]:

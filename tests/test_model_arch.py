@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pflm.errors import ConfigError
-from pflm.model.config import LoraConfig, ModelConfig
+from pflm.model.options import LoraConfig, ModelConfig
 from pflm.model.factory import LanguageModel, build_model
 
 V = 37

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from pflm.errors import ConfigError
-from pflm.model.config import LoraConfig, ModelConfig
+from pflm.model.options import LoraConfig, ModelConfig
 from pflm.model.factory import build_model
 from pflm.model.lora import (apply_lora, count_lora_parameters, expected_lora_parameter_count,
                              lora_parameter_names, lora_state_dict, merge_lora, set_trainable,

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from pflm.errors import ConfigError
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 from pflm.model.factory import build_model
 from pflm.model.losses import (LossConfig, UnigramSampler, compute_loss, full_softmax_loss, nce_loss,
                                sampled_softmax_loss, sequence_logprobs, token_count, token_nll)

@@ -31,7 +31,7 @@ def test_config_rejects_bad_values(kwargs: dict, needle: str) -> None:
 
 
 def test_config_from_recipe_mapping() -> None:
-    from pflm.config_base import from_dict
+    from pflm.schema import from_dict
 
     cfg = from_dict(SecAggConfig, {"neighbours": "12", "bits": 24, "dropout_share": 0.1}, "aggregation.secagg")
     assert cfg.neighbours == 12 and cfg.bits == 24 and cfg.dropout_share == 0.1

@@ -11,6 +11,7 @@ import torch
 from pflm.config import load_recipe
 from pflm.errors import ConfigError
 from pflm.runtime import thread_plan
+from pflm.device.spec import DeviceSpec
 from pflm.simulation.devices import DevicePool
 from pflm.simulation.simulator import Simulator
 from tests.conftest import tiny_overrides
@@ -56,7 +57,7 @@ def test_thread_plan_splits_the_cpu_budget() -> None:
 
 def test_pool_keeps_order_reports_errors_and_runs_concurrently(synthetic_data, tmp_path) -> None:
     cfg = load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path)))
-    pool = DevicePool(cfg, 300, None, workers=3)
+    pool = DevicePool(DeviceSpec.from_recipe(cfg, 300), None, workers=3)
     active, peak, lock = [0], [0], threading.Lock()
 
     def job(trainer, u: int) -> tuple[int, int]:

@@ -18,8 +18,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 
 from pflm.config import load_recipe
 from pflm.device.ghost import ghost_clipped_backward
+from pflm.device.spec import DeviceSpec
 from pflm.device.trainer import DeviceTrainer
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 from pflm.model.factory import build_model
 from pflm.model.fused_dplstm import is_fused
 from pflm.secure_random import new_key
@@ -108,7 +109,7 @@ def _device_update(fused: bool, mode: str, key: bytes) -> torch.Tensor:
                              "dpsgd.max_grad_norm=0.1", f"dpsgd.fused_lstm={str(fused).lower()}",
                              "data.max_tokens=12", "threads=1"])
     torch.manual_seed(0)
-    tr = DeviceTrainer(cfg, V, np.ones(V))
+    tr = DeviceTrainer(DeviceSpec.from_recipe(cfg, V), np.ones(V))
     assert is_fused(tr.model.rnn) == fused
     tr.load_round(0, tr.model.state_dict(), None)
     rng = np.random.default_rng(1)

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pflm.errors import ConfigError
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 from pflm.model.factory import build_model
 from pflm.model.flops import lstm_layer_flops, training_flops_per_token
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pflm.config import RecipeConfig, load_recipe, recipe_to_dict
-from pflm.config_base import apply_overrides, from_dict
+from pflm.schema import apply_overrides, from_dict
 from pflm.errors import PflmError
 from pflm.tokens import NUM_SPECIAL
 
@@ -63,6 +63,7 @@ def measure_child(cfg_dict: dict, vocab: int, sentences: int) -> dict:
     import numpy as np
     import torch
 
+    from pflm.device.spec import DeviceSpec
     from pflm.device.trainer import DeviceTrainer
     from pflm.server.peu import RowSelector
 
@@ -76,7 +77,7 @@ def measure_child(cfg_dict: dict, vocab: int, sentences: int) -> dict:
     base_rss = _vm_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
-    trainer = DeviceTrainer(cfg, vocab, counts)
+    trainer = DeviceTrainer(DeviceSpec.from_recipe(cfg, vocab), counts)
     rows = RowSelector(cfg.peu, vocab, counts, cfg.seed).select(0)
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.load_round(0, state, rows)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pflm.config import load_recipe
+from pflm.config import RecipeConfig, load_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,16 +24,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=eval_cmd)
 
 
-def train_cmd(args: argparse.Namespace) -> int:
-    cfg = load_recipe(args.recipe, args.overrides)
+def train_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
+    """Train (or resume) a recipe on its backend, then draw RUN_DIR/curves.png; returns summary.json's content."""
     if cfg.backend == "flower":
         from pflm.flower.run import run_flower
 
-        summary = run_flower(cfg, progress=not args.no_progress)
+        summary = run_flower(cfg, progress=progress)
     else:
         from pflm.simulation.simulator import Simulator
 
-        summary = Simulator(cfg).run(progress=not args.no_progress)
+        summary = Simulator(cfg).run(progress=progress)
+    try:  # the run is complete either way: a failed drawing must not turn it into an error
+        from pflm.commands.report import write_run_curves
+
+        write_run_curves(cfg.run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"[pflm] could not draw {cfg.run_dir}/curves.png ({type(e).__name__}: {e}); try `pflm report {cfg.run_dir}`",
+              file=sys.stderr)
+    return summary
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    summary = train_recipe(cfg, progress=not args.no_progress)
     keys = [
         "val_perplexity", "test_perplexity", "test_word_perplexity", "unigram_test_word_perplexity",
         "rounds", "wall_seconds", "stop_reason",

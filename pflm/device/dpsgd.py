@@ -247,7 +247,7 @@ class DeviceDPSGD:
     def __init__(self, trainer: DeviceTrainer) -> None:
         t0 = time.perf_counter()
         self.trainer = trainer
-        self.cfg = trainer.cfg.dpsgd
+        self.cfg = trainer.spec.dpsgd
         mode = self.cfg.grad_sample_mode
         lm = trainer.model
         if not getattr(lm, "dp_compatible", False):
@@ -258,9 +258,9 @@ class DeviceDPSGD:
             raise ConfigError("dpsgd.grad_sample_mode=ghost cannot clip tied embeddings (Opacus refuses shared "
                               "parameters in ghost clipping); set model.tie_embeddings=false or "
                               "dpsgd.grad_sample_mode=hooks")
-        if mode in ("functorch", "ew") and trainer.cfg.device.loss != "full":
+        if mode in ("functorch", "ew") and trainer.spec.training.loss != "full":
             raise ConfigError(f"dpsgd.grad_sample_mode={mode} cannot compute per-sample gradients of the sampled "
-                              f"output rows of device.loss={trainer.cfg.device.loss}; use grad_sample_mode=hooks "
+                              f"output rows of device.loss={trainer.spec.training.loss}; use grad_sample_mode=hooks "
                               "or ghost (or device.loss=full)")
         if mode == "ew" and tied:
             raise ConfigError("dpsgd.grad_sample_mode=ew does not support tied embeddings; set "
@@ -356,7 +356,7 @@ class DeviceDPSGD:
         t0 = time.perf_counter()
         tr, c = self.trainer, self.cfg
         n = int(seqs.shape[0])
-        q, steps = poisson_plan(n, tr.cfg.device.batch_size, tr.cfg.device.epochs, c.sample_rate)
+        q, steps = poisson_plan(n, tr.spec.training.batch_size, tr.spec.training.epochs, c.sample_rate)
         source = self._reset(q, n, device_key)
         setup = time.perf_counter() - t0
         total_loss, total_tok, empty, clipped, seen = 0.0, 0, 0, 0, 0

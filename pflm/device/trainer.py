@@ -1,8 +1,8 @@
 """The device update: train the round's model on one user's transcripts, return the weight delta.
 
-One `DeviceTrainer` (model + optimizer) is built once and reused for every simulated device: per round the
-server's device state is loaded once; per device only the trainable tensors are reset. The same object runs
-inside the in-process simulator and inside the Flower ClientApp.
+One `DeviceTrainer` (model + optimizer) is built once from the run's `DeviceSpec` and reused for every simulated
+device: per round the server's device state is loaded once; per device only the trainable tensors are reset. The
+same object runs inside the in-process simulator and inside the Flower ClientApp; it never reads the recipe.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pflm.config import RecipeConfig
 from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.device.layout import Layout, trainable_names
+from pflm.device.spec import DeviceSpec
 from pflm.model.factory import build_model
 from pflm.model.losses import LossConfig, UnigramSampler, compute_loss, mean_token_loss
 from pflm.tokens import BOS_ID, PAD_ID, UNK_ID
@@ -58,29 +58,23 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 
     return ok
 
 
-def build_device_model(cfg: RecipeConfig, vocab_size: int, dp_compatible: bool = False) -> torch.nn.Module:
-    """The recipe's LM (with LoRA adapters when model.lora.rank > 0) over `vocab_size` rows."""
-    fused = dp_compatible and cfg.dpsgd.fused_lstm and cfg.dpsgd.grad_sample_mode in ("ghost", "hooks")
-    return build_model(cfg.model, vocab_size, dp_compatible=dp_compatible, fused_dp_lstm=fused)
-
-
 class DeviceTrainer:
-    def __init__(self, cfg: RecipeConfig, global_vocab_size: int, unigram_counts: np.ndarray | None = None) -> None:
-        self.cfg = cfg
-        self.global_vocab_size = global_vocab_size
+    def __init__(self, spec: DeviceSpec, unigram_counts: np.ndarray | None = None) -> None:
+        self.spec = spec
+        self.global_vocab_size = spec.vocab_size
         tune_allocator()
-        peu = cfg.peu
-        self.local_vocab_size = global_vocab_size if peu.mode == "all" else peu.k
-        dp = cfg.dpsgd.enabled
-        self.model = build_device_model(cfg, self.local_vocab_size, dp_compatible=dp)
-        names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
+        self.local_vocab_size = spec.local_vocab_size
+        dp = spec.dpsgd.enabled
+        fused = dp and spec.dpsgd.fused_lstm and spec.dpsgd.grad_sample_mode in ("ghost", "hooks")  # fused_dplstm
+        self.model = build_model(spec.model, self.local_vocab_size, dp_compatible=dp, fused_dp_lstm=fused)
+        names = trainable_names(self.model, spec.model.lora.rank, spec.training.train_embeddings)
         params = dict(self.model.named_parameters())
         for n, p in params.items():
             p.requires_grad_(n in names)
         self.layout = Layout(self.model, names)
         self.trainable = [params[n] for n in names]
         self.unigram_counts = None if unigram_counts is None else np.asarray(unigram_counts, dtype=np.float64)
-        d = cfg.device
+        d = spec.training
         self.loss_cfg = LossConfig(kind=d.loss, num_samples=d.num_samples, unigram_alpha=d.unigram_alpha)
         if d.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.trainable, lr=d.lr, momentum=d.momentum)
@@ -92,7 +86,7 @@ class DeviceTrainer:
 
             self.dpsgd = DeviceDPSGD(self)
         self._start: list[torch.Tensor] = []
-        self.local_vocab = LocalVocab(global_vocab_size, None)
+        self.local_vocab = LocalVocab(spec.vocab_size, None)
         self.sampler: UnigramSampler | None = None
         self.round = -1
 
@@ -119,12 +113,12 @@ class DeviceTrainer:
         self._start = [p.detach().clone() for p in self.trainable]
         self.local_vocab = LocalVocab(self.global_vocab_size, rows)
         self.round = round_idx
-        if self.cfg.device.loss != "full":
+        if self.spec.training.loss != "full":
             counts = self.unigram_counts if self.unigram_counts is not None else np.ones(self.global_vocab_size)
             local = counts if rows is None else counts[rows.numpy()]
             local = local.copy()
             local[[PAD_ID, UNK_ID, BOS_ID]] = 0.0  # never sample pad/unk/<s> as noise words
-            self.sampler = UnigramSampler(local + (local.sum() == 0), alpha=self.cfg.device.unigram_alpha)
+            self.sampler = UnigramSampler(local + (local.sum() == 0), alpha=self.spec.training.unigram_alpha)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Per-sentence mean losses [B] (`pflm.model.losses.compute_loss`)."""
@@ -141,13 +135,13 @@ class DeviceTrainer:
         sentence subset, batch order, noise words and, with DP-SGD, its Poisson batches and Gaussian noise. The
         same key reproduces the same update bit for bit; the public recipe seed plays no part."""
         t0 = time.perf_counter()
-        cfg, d = self.cfg, self.cfg.device
+        spec, d = self.spec, self.spec.training
         with torch.no_grad():
             for p, p0 in zip(self.trainable, self._start):
                 p.copy_(p0)
         self.optimizer.state.clear()
         rng, gen, seqs, lengths = device_setup(
-            sentences, device_key, cfg.data.max_sentences_per_device, cfg.data.max_tokens
+            sentences, device_key, spec.max_sentences, spec.max_tokens
         )
         n = seqs.shape[0]
         self.model.train()
@@ -166,7 +160,7 @@ class DeviceTrainer:
                 steps += 1
         update = self._delta()
         num_tokens = int((lengths - 1).sum())
-        weight = 1.0 if cfg.server.weighting == "uniform" else float(num_tokens)
+        weight = 1.0 if spec.weighting == "uniform" else float(num_tokens)
         metrics = {"local_steps": steps}
         if self.dpsgd is not None:
             metrics.update(self.dpsgd.last_metrics)

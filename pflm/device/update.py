@@ -35,6 +35,6 @@ def device_update(
     for step in steps:
         vec, a = step.on_device(vec, ctx)
         aux.update(a)
-    if trainer.cfg.server.weighting == "tokens":
+    if trainer.spec.weighting == "tokens":
         vec = vec * res.weight
     return res, vec, aux

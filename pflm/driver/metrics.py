@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 RELEASED = frozenset({
     "round", "epsilon", "noise_std_sum", "noise_std_mean", "noise_norm_mean", "update_norm",
@@ -41,8 +41,9 @@ def split_metrics(m: dict, private: bool) -> tuple[dict, dict]:
 class RoundLog:
     """Appends each round's released metrics to metrics.jsonl and, if enabled, the rest to diagnostics.jsonl."""
 
-    def __init__(self, run_dir: Path, private: bool, diagnostics: bool) -> None:
+    def __init__(self, run_dir: Path, private: bool, diagnostics: bool, tensorboard: Any = None) -> None:
         self.private = private
+        self.tensorboard = tensorboard  # a driver.tensorboard.TensorBoardLog: gets the released part only
         self.metrics_path = run_dir / "metrics.jsonl"
         self.diag_path = run_dir / DIAGNOSTICS_FILE if diagnostics and private else None
         self._files: list[IO[str]] = []
@@ -62,12 +63,16 @@ class RoundLog:
     def __exit__(self, *exc: object) -> None:
         for f in self._files:
             f.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def write(self, m: dict) -> dict:
         """Write one round; return the released part (what the console may show)."""
         released, rest = split_metrics(m, self.private)
         self._mf.write(json.dumps(released) + "\n")
         self._mf.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(released)
         if self._df is not None and rest:
             self._df.write(json.dumps(rest) + "\n")
             self._df.flush()

@@ -20,6 +20,7 @@ from pflm.errors import PflmError
 MAY_CHANGE = (
     "server.rounds", "server.eval_every", "server.checkpoint_every", "threads", "device_workers", "diagnostics",
     "output_dir", "backend", "flower.", "data.val_users", "data.test_users", "data.dir", "aggregation.secagg.threads",
+    "logging.",
 )
 
 

@@ -25,8 +25,9 @@ from pflm.data.store import FederatedData, public_manifest, same_tokenizer
 from pflm.driver import artifacts
 from pflm.driver.checkpoint import load_checkpoint, save_checkpoint
 from pflm.driver.fanout import DeviceFanout
-from pflm.driver.metrics import DIAGNOSTICS_FILE, RoundLog
+from pflm.driver.metrics import DIAGNOSTICS_FILE, RELEASED, RoundLog
 from pflm.driver.recipe_check import recipe_changes
+from pflm.driver.tensorboard import TensorBoardLog
 from pflm.errors import AggregationFailed, PflmError
 from pflm.evaluation.perplexity import evaluate, load_eval_set, unigram_baseline
 from pflm.io_utils import atomic_write_json, atomic_write_text
@@ -60,14 +61,15 @@ def secagg_parameters(cfg: RecipeConfig, aggregator: Aggregator) -> str | None:
 class RunDriver:
     """Runs a recipe's rounds with the given device fan-out; `run()` trains (resuming) and returns the summary."""
 
-    def __init__(self, cfg: RecipeConfig, fanout: DeviceFanout) -> None:
+    def __init__(self, cfg: RecipeConfig, fanout: DeviceFanout, data: FederatedData | None = None) -> None:
+        """`data` replaces the recipe's data directory (the audit adds canary users to it: pflm/simulation/canaries.py)."""
         if not cfg.data.dir:
             raise PflmError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
         self.cfg = cfg
         self.fanout = fanout
         self.workers, self.torch_threads, self.all_threads = fanout.thread_split(cfg)
         torch.set_num_threads(self.torch_threads)
-        self.fd = FederatedData.open(cfg.data.dir)
+        self.fd = data if data is not None else FederatedData.open(cfg.data.dir)
         self.vocab_size = self.fd.tokenizer.vocab_size
         n_train = self.fd.num_users("train")
         self.population = n_train if cfg.data.train_users == 0 else min(n_train, cfg.data.train_users)
@@ -80,6 +82,7 @@ class RunDriver:
         check_data_privacy(cfg, self.data_privacy, cfg.data.dir)
         counts = self.fd.prior_counts()  # public or DP prior: PEU row choice, NCE noise, output-bias init
         self.run_dir = cfg.run_dir
+        self.tensorboard = TensorBoardLog(self.run_dir, RELEASED) if cfg.logging.tensorboard else None
         self._check_compatible_run()
         self.run_key = load_or_create_run_key(self.run_dir, cfg.privacy.reproducible, cfg.seed)
         self.server = FederatedServer(
@@ -160,7 +163,7 @@ class RunDriver:
         rounds = cfg.server.rounds
         bar = tqdm(total=rounds, initial=start, desc=cfg.name, disable=not progress, unit="round")
         last_val = None
-        with RoundLog(self.run_dir, self.server.privacy.private, cfg.diagnostics) as log:
+        with RoundLog(self.run_dir, self.server.privacy.private, cfg.diagnostics, self.tensorboard) as log:
             for r in range(start, rounds):
                 reason = self.server.privacy.stop_reason(r, self.server.pending_releases(r))
                 if reason:

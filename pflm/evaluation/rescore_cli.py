@@ -40,26 +40,17 @@ def _load_scorer(run_dir: str) -> Any:
     return load_scorer(run_dir)
 
 
-def run_rescore(args: argparse.Namespace) -> int:
-    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig, rescore_files
+def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: Any, out_dir: Path) -> Any:
+    """Rescore with run_dir's LM (alpha/beta tuned on dev only) and write out_dir/{summary.json,
+    test_utterances.jsonl,dev_grid.tsv} atomically; returns the RescoreReport."""
+    from pflm.evaluation.rescore import rescore_files
 
-    run_dir = Path(args.checkpoint)
-    if not run_dir.exists():
-        raise DataError(f"--checkpoint {run_dir} does not exist; pass a `pflm train` run directory")
-    config = RescoreConfig(
-        alpha_grid=parse_grid(args.alpha_grid, "alpha-grid") if args.alpha_grid else DEFAULT_ALPHA_GRID,
-        beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
-        batch_size=args.batch_size,
-    )
-    scorer = _load_scorer(str(run_dir))
-    report = rescore_files(args.dev, args.test, scorer, config)
+    report = rescore_files(dev, test_path, _load_scorer(str(run_dir)), config)
     tuned, test = report.tuned, report.test
-
-    out_dir = Path(args.out) if args.out else run_dir / "rescore"
     summary = {
         "checkpoint": str(run_dir),
-        "dev": str(args.dev),
-        "test": str(args.test),
+        "dev": str(dev),
+        "test": str(test_path),
         "alpha": tuned.alpha,
         "beta": tuned.beta,
         "grid_points": len(tuned.grid),
@@ -84,6 +75,24 @@ def run_rescore(args: argparse.Namespace) -> int:
             "alpha\tbeta\tdev_wer\n" + "".join(f"{a:.8g}\t{b:.8g}\t{w:.6f}\n" for a, b, w in tuned.grid),
             encoding="utf-8",
         )
+
+    return report
+
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig
+
+    run_dir = Path(args.checkpoint)
+    if not run_dir.exists():
+        raise DataError(f"--checkpoint {run_dir} does not exist; pass a `pflm train` run directory")
+    config = RescoreConfig(
+        alpha_grid=parse_grid(args.alpha_grid, "alpha-grid") if args.alpha_grid else DEFAULT_ALPHA_GRID,
+        beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
+        batch_size=args.batch_size,
+    )
+    out_dir = Path(args.out) if args.out else run_dir / "rescore"
+    report = rescore_run(run_dir, args.dev, args.test, config, out_dir)
+    tuned, test = report.tuned, report.test
 
     print(f"tuned on dev over {len(tuned.grid)} (alpha, beta) points: alpha={tuned.alpha:.6g} beta={tuned.beta:.6g}")
     print(f"{'set':<5} {'utts':>6} {'words':>7} {'first_pass':>11} {'rescored':>9} {'oracle':>7}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from pflm.config import RecipeConfig
-from pflm.config_base import from_dict
+from pflm.schema import from_dict
 from pflm.errors import PflmError
 
 MODEL_FILE = "model.safetensors"
@@ -19,7 +19,7 @@ DATA_INFO_FILE = "data_manifest.json"
 
 def load_run_model(run_dir: str | Path):
     """(model in eval mode, RecipeConfig, tokenizer path, data manifest) of a finished `pflm train` run."""
-    from pflm.device.trainer import build_device_model
+    from pflm.model.factory import build_model
 
     run_dir = Path(run_dir)
     for f in (MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE, DATA_INFO_FILE):
@@ -29,7 +29,7 @@ def load_run_model(run_dir: str | Path):
     manifest = json.loads((run_dir / DATA_INFO_FILE).read_text())
     state = load_file(str(run_dir / MODEL_FILE))
     vocab = int(manifest["tokenizer"]["vocab_size"]) if "tokenizer" in manifest else int(manifest["vocab_size"])
-    model = build_device_model(cfg, vocab)
+    model = build_model(cfg.model, vocab)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, cfg, str(run_dir / TOKENIZER_FILE), manifest

@@ -14,9 +14,11 @@ torch and the trainer are imported only when a train message arrives: a deployed
 `flwr-clientapp` process per message, so the partition query stays cheap. In simulation the Ray actor keeps
 the trainer between messages.
 
-Optional node config: `data-dir="DIR"` (this node's copy of the prepared data; default: the recipe's
-data.dir), `threads=N` (torch threads; default: what the server sends, i.e. int(flower.cpus_per_client),
-at least 1).
+Optional node config: `data-dir="DIR"` (this node's copy of the prepared data; default: `data_dir` of the
+node's policy), `threads=N` (torch threads; default: what the server sends, i.e. int(flower.cpus_per_client),
+at least 1), `policy="FILE"` (what the node's devices trust, `pflm.flower.policy`; default $PFLM_NODE_POLICY, else
+the strict built-in policy), `worker="SOCKET"` (a warm `pflm node-worker` on this node that keeps torch and the
+trainer loaded between messages, `pflm.flower.warm`; without it each message's process builds them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pflm.flower import shards
 
 DATA_DIR_KEY = "data-dir"
 THREADS_KEY = "threads"
+WORKER_KEY = "worker"
 
 app = ClientApp()
 
@@ -39,26 +42,36 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _node_settings(context: Context, sent_threads: int) -> tuple[int, str | None]:
-    """(torch threads, data dir) of this node: its node config wins over what the server sent; threads applied."""
-    import torch
-
+    """(torch threads, data dir) of this node from its node config (threads: else what the server sent; data dir:
+    else the node's policy file); threads applied to this process's torch (not loaded at all if sent_threads=0)."""
     threads = int(context.node_config.get(THREADS_KEY, 0) or 0) or int(sent_threads)
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if sent_threads > 0 and threads > 0:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     data_dir = context.node_config.get(DATA_DIR_KEY)
     return threads, str(data_dir) if data_dir else None
+
+
+def node_worker(context: Context) -> str | None:
+    """The socket of this node's warm worker (`pflm node-worker`), if its node config names one."""
+    w = context.node_config.get(WORKER_KEY)
+    return str(w) if w else None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from pflm.flower import codec
-    from pflm.flower.device import node_state, train_users
+    from pflm.flower.tasks import check_partition, collect, node_updates
+    from pflm.flower.policy import node_policy
 
-    task = codec.decode_train(msg.content)
-    _, data_dir = _node_settings(context, task.threads)
-    st = node_state(task.recipe_json, task.population, data_dir)
-    reply = train_users(st, task, shards.node_partition(context))
-    return Message(codec.encode_reply(reply), reply_to=msg)
+    payload = codec.train_payload(msg.content)  # torch-free: with a warm worker this process never loads torch
+    worker = node_worker(context)
+    _, data_dir = _node_settings(context, 0 if worker else int(payload.config["threads"]))
+    check_partition(payload.users, shards.node_partition(context))
+    updates = node_updates(payload, node_policy(context.node_config), data_dir, worker)
+    return Message(codec.encode_reply(collect(updates)), reply_to=msg)
 
 
 # ---- secure aggregation: the device half of the protocol (pflm.flower.secure_node), one action per round ----
@@ -88,7 +101,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
     from pflm.flower import codec, secure_node
 
     threads, data_dir = _node_settings(context, msg.content.config_records[codec.CONFIG]["threads"])
-    return secure_node.train(msg, context, shards.node_partition(context), threads, data_dir)
+    return secure_node.train(msg, context, shards.node_partition(context), threads, data_dir, node_worker(context))
 
 
 @app.train("secagg_sign")

@@ -2,8 +2,8 @@
 
 A train message carries one node's share of a round: the device model (`ArrayRecord`, vocabulary tensors
 already cut to the round's PEU rows), the selected rows, and a `ConfigRecord` with the public round context
-(round, cohort, clip bound, release dimension, seed), the users this node must train, the recipe (JSON) and
-the training population. The reply carries one clipped flat update per trained user (`ArrayRecord`, keyed by
+(round, clip bound, release dimension, seed), the users this node must train and the device spec (JSON: the device
+half of the recipe, `pflm.device.spec`; the recipe itself never leaves the server). The reply carries one clipped flat update per trained user (`ArrayRecord`, keyed by
 user id) and the per-user scalars the aggregator and the round metrics need (`MetricRecord`, lists aligned
 with `users`). Everything is float32/int64 bytes, so a round trip is exact.
 """
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from pflm.config import RecipeConfig, recipe_to_dict
-from pflm.config_base import from_dict
-from pflm.round import RoundContext, RoundPlan
+if TYPE_CHECKING:  # torch is imported only where tensors are built: a node with a warm worker never loads it
+    import torch
+
+    from pflm.round import RoundContext, RoundPlan
 
 STATE = "state"
 ROWS = "rows"
@@ -28,18 +28,6 @@ CONFIG = "config"
 UPDATES = "updates"
 STATS = "stats"
 AUX_PREFIX = "aux."
-
-
-def recipe_payload(cfg: RecipeConfig) -> str:
-    """The recipe as JSON for the nodes, with `data.dir` made absolute (nodes may run in another directory)."""
-    d = recipe_to_dict(cfg)
-    if d["data"]["dir"]:
-        d["data"]["dir"] = str(Path(d["data"]["dir"]).expanduser().resolve())
-    return json.dumps(d, sort_keys=True)
-
-
-def recipe_from_payload(payload: str) -> RecipeConfig:
-    return from_dict(RecipeConfig, json.loads(payload))
 
 
 @dataclass
@@ -50,14 +38,14 @@ class TrainTask:
     users: list[int]
     rows: torch.Tensor | None
     device_state: dict[str, torch.Tensor]
-    recipe_json: str
-    population: int
+    spec_json: str
     threads: int
 
 
-def encode_train(plan: RoundPlan, users: list[int], recipe_json: str, population: int, threads: int) -> RecordDict:
+def encode_train(plan: RoundPlan, users: list[int], threads: int, spec_json: str | None = None) -> RecordDict:
     """The message to one node. Its context names only the users that node trains, never the whole cohort:
-    who else was sampled is secret (the ε relies on amplification by subsampling)."""
+    who else was sampled is secret (the ε relies on amplification by subsampling). `spec_json` may be given to
+    avoid re-serialising `plan.spec` for every node."""
     ctx = plan.ctx
     config = ConfigRecord(
         {
@@ -68,8 +56,7 @@ def encode_train(plan: RoundPlan, users: list[int], recipe_json: str, population
             "dim": int(ctx.dim),
             "seed": int(ctx.seed),
             "ctx-extra": json.dumps(ctx.extra, sort_keys=True),
-            "recipe": recipe_json,
-            "population": int(population),
+            "spec": spec_json if spec_json is not None else plan.spec.to_json(),
             "threads": int(threads),
         }
     )
@@ -79,8 +66,34 @@ def encode_train(plan: RoundPlan, users: list[int], recipe_json: str, population
     return content
 
 
-def decode_train(content: RecordDict) -> TrainTask:
+@dataclass
+class TrainPayload:
+    """A train message's content as plain values and NumPy arrays (no torch): what a node checks, and what it
+    forwards to its warm worker (`pflm.flower.warm`)."""
+
+    config: dict[str, Any]
+    state: dict[str, np.ndarray]
+    rows: np.ndarray | None
+
+    @property
+    def users(self) -> list[int]:
+        return [int(u) for u in self.config["users"]]
+
+
+def train_payload(content: RecordDict) -> TrainPayload:
     c = content.config_records[CONFIG]
+    rows = content.array_records[ROWS][ROWS].numpy() if ROWS in content.array_records else None
+    state = {k: a.numpy() for k, a in content.array_records[STATE].items()}
+    return TrainPayload(dict(c.items()), state, rows)
+
+
+def decode_payload(p: TrainPayload) -> TrainTask:
+    """The node-side task (torch tensors) of a payload."""
+    import torch
+
+    from pflm.round import RoundContext
+
+    c = p.config
     ctx = RoundContext(
         round=int(c["round"]),
         dim=int(c["dim"]),
@@ -89,19 +102,20 @@ def decode_train(content: RecordDict) -> TrainTask:
         seed=int(c["seed"]),
         extra=json.loads(str(c["ctx-extra"])),
     )
-    rows = None
-    if ROWS in content.array_records:
-        rows = torch.from_numpy(content.array_records[ROWS][ROWS].numpy().copy())
-    state = dict(content.array_records[STATE].to_torch_state_dict())
+    rows = None if p.rows is None else torch.from_numpy(np.array(p.rows, copy=True))
+    state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in p.state.items()}
     return TrainTask(
         ctx=ctx,
-        users=[int(u) for u in c["users"]],
+        users=p.users,
         rows=rows,
         device_state=state,
-        recipe_json=str(c["recipe"]),
-        population=int(c["population"]),
+        spec_json=str(c["spec"]),
         threads=int(c["threads"]),
     )
+
+
+def decode_train(content: RecordDict) -> TrainTask:
+    return decode_payload(train_payload(content))
 
 
 @dataclass
@@ -109,7 +123,7 @@ class DeviceReply:
     """One trained user's contribution as the server sees it: the clipped (weighted) vector and its scalars."""
 
     user: int
-    update: torch.Tensor
+    update: torch.Tensor | np.ndarray  # float32; a warm worker's replies arrive as NumPy
     weight: float
     num_tokens: int
     train_loss: float
@@ -123,9 +137,13 @@ class NodeReply:
     nonfinite: list[int]  # users whose update had NaN/Inf (dropped on the device)
 
 
+def numpy_of(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 def encode_reply(reply: NodeReply) -> RecordDict:
     updates = ArrayRecord(
-        array_dict={str(d.user): Array(np.ascontiguousarray(d.update.detach().numpy().astype(np.float32))) for d in reply.devices}
+        array_dict={str(d.user): Array(np.ascontiguousarray(numpy_of(d.update), dtype=np.float32)) for d in reply.devices}
     )
     stats: dict = {
         "users": [d.user for d in reply.devices],
@@ -143,6 +161,8 @@ def encode_reply(reply: NodeReply) -> RecordDict:
 
 
 def decode_reply(content: RecordDict) -> NodeReply:
+    import torch
+
     s = content.metric_records[STATS]
     updates = content.array_records[UPDATES]
 

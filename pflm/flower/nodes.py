@@ -87,8 +87,7 @@ class FlowerNodes(DeviceFanout):
     def attach(self, driver: RunDriver) -> None:
         """Also replaces the driver's aggregator for secure aggregation (see `remote_secure_aggregator`)."""
         self.cfg = driver.cfg
-        self.population = driver.population
-        self.recipe_json = codec.recipe_payload(driver.cfg)
+        self.spec_json = driver.server.device_spec.to_json()  # what nodes learn of the recipe
         self.threads = max(1, int(driver.cfg.flower.cpus_per_client))  # torch threads per ClientApp
         remote = remote_secure_aggregator(driver, self.secagg_on_nodes)
         if remote is not None:
@@ -147,7 +146,7 @@ class FlowerNodes(DeviceFanout):
         parts = sorted(share)
         msgs = [
             Message(
-                codec.encode_train(plan, share[p], self.recipe_json, self.population, self.threads),
+                codec.encode_train(plan, share[p], self.threads, self.spec_json),
                 dst_node_id=self.node_of_partition[p], message_type=MessageType.TRAIN,
             )
             for p in parts

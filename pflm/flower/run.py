@@ -3,13 +3,17 @@
 The ServerApp runs in this process (a thread of Flower's simulation runtime) and the ClientApps run in Ray
 actors, `flower.num_supernodes` virtual SuperNodes sharing `flower.cpus_per_client` CPUs each. Ray is started
 small (the machine's CPUs, a 300 MB object store unless PFLM_RAY_OBJECT_STORE_MB says otherwise) and without
-its dashboard; Flower's telemetry is switched off.
+its dashboard; Flower's telemetry is switched off. In a simulation one person runs the server and every node, so
+the nodes' trusted policy (`pflm.flower.policy`) is written from the recipe itself and handed to them through
+$PFLM_NODE_POLICY (Ray's local workers inherit this process's environment).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 from pflm.config import RecipeConfig
 from pflm.errors import ConfigError, PflmError
@@ -52,15 +56,26 @@ def run_flower(cfg: RecipeConfig, progress: bool = True) -> dict:
     from pflm.flower.client_app import app as client_app
     from pflm.flower.server_app import build_server_app
 
+    from pflm.flower.policy import POLICY_ENV, write_node_policy
+
     summary: dict = {}
     server_app = build_server_app(cfg, result=summary, progress=progress)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.flower.num_supernodes,
-        backend_name="ray",
-        backend_config=backend_config(cfg),
-    )
+    previous = os.environ.get(POLICY_ENV)
+    with tempfile.TemporaryDirectory(prefix="pflm-node-policy-") as tmp:
+        os.environ[POLICY_ENV] = str(write_node_policy(cfg, Path(tmp) / "policy.json"))
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.flower.num_supernodes,
+                backend_name="ray",
+                backend_config=backend_config(cfg),
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(POLICY_ENV, None)
+            else:
+                os.environ[POLICY_ENV] = previous
     if not summary:
         raise PflmError("the Flower simulation ended without finishing the run; see the Flower log above")
     return summary

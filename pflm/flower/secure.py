@@ -222,7 +222,7 @@ class SecureRound:
             if not pids:
                 continue
             users = [agg.user_of[pid] for pid in pids]
-            extra[p] = codec.encode_train(plan, users, fan.recipe_json, fan.population, fan.threads)
+            extra[p] = codec.encode_train(plan, users, fan.threads, fan.spec_json)
             reqs[p] = {"devices": [[agg.user_of[pid], pid] for pid in pids],
                        "mask_lists": {str(pid): agg.mask_list(pid) for pid in pids}, "codec": agg.codec_params()}
         sent = {p: set(reqs[p]["mask_lists"]) for p in reqs}

@@ -21,11 +21,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from pflm.aggregator.secagg import wire
 from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.masking import MaskStream
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.errors import PflmError
+from pflm.flower.policy import node_policy
 from pflm.flower.shards import owner
 
 SECAGG = "secagg"  # the ConfigRecord holding a stage's JSON blob (requests and replies)
@@ -131,7 +132,8 @@ def _each(devs: NodeDevices, pids, fn) -> tuple[dict, dict[str, str]]:
 def advertise(msg: Message, context: Context, partition: tuple[int, int] | None) -> Message:
     req = read_blob(msg.content)
     session = wire.session_from(req["session"])
-    config = SecAggConfig(**req["config"])
+    # the server's options, with every value that protects the users replaced by the node's own policy
+    config = node_policy(context.node_config).session_config(SecAggConfig(**req["config"]))
     devices = [(int(u), int(p)) for u, p in req["devices"]]
     if partition is not None:
         pid_, n = partition
@@ -190,40 +192,44 @@ def receive(msg: Message, context: Context) -> Message:
     return reply(msg, {"complaints": {str(p): bad for p, bad in out.items()}, "refused": refused})
 
 
-def device_rounding_key(cfg, config: SecAggConfig, round_idx: int, user: int) -> bytes:
-    """The device's secret stochastic-rounding key: fresh from the OS CSPRNG; with `rounding=seeded` the public
-    SHA-256(seed, round, user); in `privacy.reproducible` mode the in-process simulator's seed-derived key."""
+def device_rounding_key(reproducible: bool, config: SecAggConfig, seed: int, round_idx: int, user: int) -> bytes:
+    """The device's secret stochastic-rounding key: fresh from the OS CSPRNG; with `rounding=seeded` (only if the
+    node's policy says so) the public SHA-256(seed, round, user); in a reproducible run the node's policy allows,
+    the in-process simulator's seed-derived key."""
     from pflm.secure_random import derive_key, new_key, subkey
 
     if config.rounding == "seeded":
-        return rounding_key(cfg.seed, round_idx, user)
-    if getattr(cfg.privacy, "reproducible", False):
-        return subkey(subkey(derive_key(cfg.seed), "secagg-rounding"), "upload", round_idx, user)
+        return rounding_key(seed, round_idx, user)
+    if reproducible:
+        return subkey(subkey(derive_key(seed), "secagg-rounding"), "upload", round_idx, user)
     return new_key()
 
 
 def train(msg: Message, context: Context, partition: tuple[int, int] | None, threads: int | None,
-          data_dir: str | None) -> Message:
+          data_dir: str | None, worker: str | None = None) -> Message:
     from pflm.aggregator.secagg.remote import MAX_TOKEN_LOSS, SIDE_LOSS, SIDE_TOKENS
-    from pflm.device.update import device_update
+    from pflm.device.spec import DeviceSpec
     from pflm.flower import codec
-    from pflm.flower.device import device_key, node_state
-    from pflm.privacy.clipping import NonFiniteUpdate
+    from pflm.flower.tasks import check_partition, node_updates
 
     req = read_blob(msg.content)
     devs = NodeDevices(context)
     devs.check_session(req["session-id"])
-    task = codec.decode_train(msg.content)
+    payload = codec.train_payload(msg.content)  # torch-free (with a warm worker this process never loads torch)
     devices = [(int(u), int(p)) for u, p in req["devices"]]
-    if any(devs.user_of.get(p) != u for u, p in devices):
+    if any(devs.user_of.get(p) != u for u, p in devices) or [u for u, _ in devices] != payload.users:
         raise PflmError("the train request pairs users and pseudonyms differently from the advertise request")
+    check_partition(payload.users, partition)
     cp = req["codec"]
-    st = node_state(task.recipe_json, task.population, data_dir)
-    st.trainer.load_round(task.ctx.round, task.device_state, task.rows)
+    policy = node_policy(context.node_config)
+    reproducible = policy.check_reproducible(DeviceSpec.from_json(str(payload.config["spec"])).reproducible)
+    rnd, seed, clip_bound = int(payload.config["round"]), int(payload.config["seed"]), float(payload.config["clip-bound"])
+    updates = node_updates(payload, policy, data_dir, worker)
     masked, nonfinite, refused = {}, [], {}
     stream = fpc = None
     token_bound = 0.0
-    for u, pid in devices:
+    for (u, pid), (trained, rep) in zip(devices, updates):
+        assert trained == u
         try:
             c = devs.client(pid)
         except ProtocolViolation as e:
@@ -231,7 +237,7 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
             continue
         try:
             s = c.session
-            if cp["bits"] != s.bits or cp["n"] != len(s.x_of) or cp["dim"] != task.ctx.dim:
+            if cp["bits"] != s.bits or cp["n"] != len(s.x_of) or cp["dim"] != int(payload.config["dim"]):
                 raise ProtocolViolation(f"device {pid} refuses: the codec does not match the session "
                                         "(bits, cohort size, dimension)")
             if fpc is None:
@@ -240,24 +246,22 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
                                       max(1, threads or 1), tuple(float(b) for b in cp["aux_bounds"]))
                 stream = MaskStream(fpc.length, s.bits, max(1, threads or 1))
                 token_bound = dict(zip(fpc.aux_keys, fpc.aux_bound_list)).get(SIDE_TOKENS, 0.0)
-            try:
-                key = device_key(st.cfg, task.ctx.round, u)
-                res, vec, aux = device_update(st.trainer, st.device_steps, task.ctx, u, st.fd.user_tokens("train", u), key)
-            except NonFiniteUpdate:
+            if rep is None:
                 nonfinite.append(pid)
                 c._failed = "its update is not finite"  # the device leaves the round
                 continue
+            aux = rep.aux
             unknown = sorted(set(aux) - set(fpc.aux_keys))
             if unknown:
                 raise PflmError(f"the device produced side values {unknown} outside the round's layout "
                                 f"{list(fpc.aux_keys)}: list every aux name in aggregation.secagg.aux_keys")
-            tokens = min(float(res.num_tokens), token_bound)
-            loss = min(max(float(res.train_loss), 0.0), MAX_TOKEN_LOSS)
+            tokens = min(float(rep.num_tokens), token_bound)
+            loss = min(max(float(rep.train_loss), 0.0), MAX_TOKEN_LOSS)
             aux = {**aux, SIDE_LOSS: loss * tokens if np.isfinite(loss) else 0.0, SIDE_TOKENS: tokens}
-            x = vec.detach().reshape(-1).cpu().numpy()
-            shrink = fpc.shrink_factor(x, task.ctx.clip_bound * max(float(res.weight), 0.0))
-            rkey = device_rounding_key(st.cfg, c.config, task.ctx.round, u)
-            enc = fpc.encoder(x, float(res.weight), aux, rkey, shrink)
+            x = codec.numpy_of(rep.update).reshape(-1)
+            shrink = fpc.shrink_factor(x, clip_bound * max(float(rep.weight), 0.0))
+            rkey = device_rounding_key(reproducible, c.config, seed, rnd, u)
+            enc = fpc.encoder(x, float(rep.weight), aux, rkey, shrink)
             y = c.masked_input(enc, req["mask_lists"][str(pid)], stream)
             if not enc.finite:
                 nonfinite.append(pid)

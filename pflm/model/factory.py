@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 
 
 class LanguageModel(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pflm.errors import ConfigError
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pflm.errors import ConfigError
-from pflm.model.config import LoraConfig, ModelConfig
+from pflm.model.options import LoraConfig, ModelConfig
 from pflm.model.factory import LanguageModel
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 from pflm.model.factory import LanguageModel
 
 INIT_RANGE = 0.1

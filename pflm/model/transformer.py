@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pflm.model.config import ModelConfig
+from pflm.model.options import ModelConfig
 from pflm.model.factory import LanguageModel
 
 INIT_STD = 0.02

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from pflm.config import RecipeConfig
+from pflm.device.spec import DeviceSpec
 from pflm.errors import ConfigError
 from pflm.privacy.accountant import PrivacyBudget, RunningAccountant, combine_noise_multipliers, epsilon_from_history
 from pflm.privacy.adaptive import AdaptiveClipping
@@ -53,10 +54,10 @@ def check_data_privacy(cfg: RecipeConfig, data_privacy: dict, data_dir: str) -> 
         )
 
 
-def device_postprocessors(cfg: RecipeConfig) -> list[Postprocessor]:
+def device_postprocessors(spec: DeviceSpec) -> list[Postprocessor]:
     """The device half of the chain: clipping (reporting the adaptive-clipping bit when that is on). It needs
-    neither the server's run key nor a calibrated σ, so a device builds it without either."""
-    return [L2Clip(report_unclipped=cfg.privacy.adaptive_clipping.enabled)]
+    neither the server's run key nor a calibrated σ, so a device builds it from its spec alone."""
+    return [L2Clip(report_unclipped=spec.report_unclipped)]
 
 
 class DPMechanism:

@@ -12,7 +12,8 @@ import torch
 
 from pflm.config import RecipeConfig
 from pflm.device.layout import Layout, trainable_names
-from pflm.device.trainer import build_device_model
+from pflm.device.spec import DeviceSpec
+from pflm.model.factory import build_model
 from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
 from pflm.round import AggregateResult, RoundContext, RoundPlan
@@ -42,7 +43,8 @@ class FederatedServer:
         self.vocab_size = vocab_size
         self.population = population
         torch.manual_seed(cfg.seed)
-        self.model = build_device_model(cfg, vocab_size)
+        self.device_spec = DeviceSpec.from_recipe(cfg, vocab_size)  # all a device learns of the recipe
+        self.model = build_model(cfg.model, vocab_size)
         self.params = dict(self.model.named_parameters())
         self.vocab_names = set(self.model.vocab_parameters())
         names = trainable_names(self.model, cfg.model.lora.rank, cfg.device.train_embeddings)
@@ -80,7 +82,7 @@ class FederatedServer:
             round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.privacy.clip_bound_for(round_idx),
             seed=self.cfg.seed,
         )
-        return RoundPlan(round_idx, cohort, rows, self.device_state(rows), ctx)
+        return RoundPlan(round_idx, cohort, rows, self.device_state(rows), ctx, self.device_spec)
 
     def release_dim(self) -> int:
         k = self.selector.k

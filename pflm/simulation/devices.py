@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from pflm.config import RecipeConfig
+from pflm.device.spec import DeviceSpec
 from pflm.device.trainer import DeviceTrainer
 
 T = TypeVar("T")
@@ -29,12 +29,10 @@ AHEAD = 2  # devices queued per worker beyond the one being consumed (bounds mem
 class DevicePool:
     """`workers` DeviceTrainers and the threads that drive them; `map` yields results in input order."""
 
-    def __init__(
-        self, cfg: RecipeConfig, vocab_size: int, prior_counts: np.ndarray | None, workers: int = 1
-    ) -> None:
+    def __init__(self, spec: DeviceSpec, prior_counts: np.ndarray | None, workers: int = 1) -> None:
         if workers < 1:
             raise ValueError("a device pool needs at least one worker")
-        self.trainers = [DeviceTrainer(cfg, vocab_size, prior_counts) for _ in range(workers)]
+        self.trainers = [DeviceTrainer(spec, prior_counts) for _ in range(workers)]
         self._free: queue.SimpleQueue[DeviceTrainer] = queue.SimpleQueue()
         for t in self.trainers:
             self._free.put(t)

@@ -30,19 +30,14 @@ class LocalDevices(DeviceFanout):
     def attach(self, driver: RunDriver) -> None:
         self.driver = driver
         self.faults = FaultPlan(driver.cfg.faults, driver.run_key, driver.cfg.aggregation.kind)
-        self.pool = DevicePool(driver.cfg, driver.vocab_size, driver.server.prior_counts, driver.workers)
+        self.pool = DevicePool(driver.server.device_spec, driver.server.prior_counts, driver.workers)
         self.trainer: DeviceTrainer = self.pool.trainers[0]
 
     def train_round(self, plan: RoundPlan, aggregator: Aggregator) -> RoundTally:
-        d = self.driver
-        steps, fd = d.server.postprocessors, d.fd
         self.pool.load_round(plan.round, plan.device_state, plan.rows)
 
         def device(trainer: DeviceTrainer, user: int) -> tuple:
-            """Everything one device does: train, clip, and prepare its upload (runs on a device worker)."""
-            key = subkey(d.run_key, "device", plan.round, user)
-            res, vec, aux = device_update(trainer, steps, plan.ctx, user, fd.user_tokens("train", user), key)
-            return res, aggregator.upload(user, vec, res.weight, aux)
+            return self.device_upload(trainer, plan, aggregator, user)
 
         tally = RoundTally()
         nonfinite = 0
@@ -71,6 +66,13 @@ class LocalDevices(DeviceFanout):
             tally.metrics["device_sample_epsilon_max"] = max(device_eps)
             tally.metrics["device_sample_epsilon_median"] = float(np.median(device_eps))
         return tally
+
+    def device_upload(self, trainer: DeviceTrainer, plan: RoundPlan, aggregator: Aggregator, user: int) -> tuple:
+        """Everything one device does: train, clip, and prepare its upload (runs on a device worker)."""
+        d = self.driver
+        key = subkey(d.run_key, "device", plan.round, user)
+        res, vec, aux = device_update(trainer, d.server.postprocessors, plan.ctx, user, d.fd.user_tokens("train", user), key)
+        return res, aggregator.upload(user, vec, res.weight, aux)
 
     def _bug(self, round_idx: int, user: int, err: BaseException) -> PflmError:
         """A real exception in device code is a bug, not a simulated fault: keep the traceback in the run's

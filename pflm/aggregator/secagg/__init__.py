@@ -38,7 +38,7 @@ clear (add DP noise on top). `mode="simulate"` runs no cryptography: only where 
 from typing import TYPE_CHECKING
 
 from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.aggregator.secagg.params import SecAggParameters, secagg_parameters
 

@@ -31,7 +31,7 @@ import torch
 
 from pflm.aggregator.base import AggregateResult, Aggregator, RoundContext, Upload
 from pflm.aggregator.secagg.client import SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.graph import graph_seed, harary_graph
 from pflm.aggregator.secagg.inprocess import InProcessProtocol, dropout_plan, upload_bytes_estimate
@@ -71,7 +71,7 @@ class SecureAggregator(Aggregator):
     def from_options(cls, options: dict[str, Any] | None, seed: int | None = None,
                      run_key: bytes | None = None) -> SecureAggregator:
         """Build from a recipe's `aggregation.secagg` mapping (unknown keys → ConfigError with a suggestion)."""
-        from pflm.config_base import from_dict
+        from pflm.schema import from_dict
 
         return cls(from_dict(SecAggConfig, dict(options or {}), "aggregation.secagg"), seed, run_key)
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pflm.aggregator.secagg import shamir
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import ChunkEncoder
 from pflm.aggregator.secagg.graph import graph_seed, harary_graph
 from pflm.aggregator.secagg.masking import MaskStream, Session, channel_key, pair_sign, pairwise_key, self_mask_key

@@ -16,7 +16,7 @@ import numpy as np
 
 from pflm.aggregator.secagg import shamir
 from pflm.aggregator.secagg.client import ProtocolViolation, SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import ChunkEncoder
 from pflm.aggregator.secagg.masking import MaskStream, Session
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry, UnmaskResponse

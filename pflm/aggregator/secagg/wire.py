@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from pflm.aggregator.secagg.client import SecAggClient
-from pflm.aggregator.secagg.config import SecAggConfig
+from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.masking import Session
 from pflm.aggregator.secagg.messages import (
     Advertisement,
