@@ -116,8 +116,8 @@ class _LSTMRecurrence(torch.autograd.Function):
             if t < steps - 1:
                 dh = torch.addmm(dh_out[:, t], dgates[:, t + 1], w_hh)  # + dG_{t+1} W_hh
                 dc = torch.addcmul(dc * f[:, t + 1], dh, dc_dh[:, t])
-            dgates[:, t, : 3 * hid] = p_c[:, t] * dc.repeat(1, 3)
-            dgates[:, t, 3 * hid :] = p_h[:, t] * dh
+            torch.mul(p_c[:, t].view(b, 3, hid), dc.unsqueeze(1), out=dgates[:, t, : 3 * hid].view(b, 3, hid))
+            torch.mul(p_h[:, t], dh, out=dgates[:, t, 3 * hid :])
         return dgates, None
 
 
