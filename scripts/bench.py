@@ -13,7 +13,6 @@ on a quiet machine: the load average at the start and end of each section is rec
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -174,39 +173,6 @@ def flops_report(cfg: RecipeConfig, vocab_size: int, target_tokens: int, seconds
             "percent_of_peak": {k: 100.0 * r / peak["peak_gflops"] for k, r in rates.items()},
             "counted": "matrix products only (2 FLOPs per multiply-add); elementwise work, padding and the "
                        "optimizer are not counted"}
-
-
-def flower_baseline(sim: Simulator, round_idx: int, threads: int, rounds: int, floor_s: float | None,
-                    round_s: float | None) -> dict:
-    """A plain Flower FedAvg app (scripts/flower_baseline.py: Flower's own strategy and Ray runtime, no pflm code
-    inside) training the floor's model on the same per-device batches, one SuperNode per device, one CPU per
-    client; timed after the floor and the pflm round of the same run."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import flower_baseline as fb
-
-    cfg = sim.cfg
-    cohort, per_device = device_batch_lists(sim, round_idx)
-    job = Path(tempfile.mkdtemp(prefix="pflm_flower_baseline_")) / "job.pt"
-    fb.save_job(job, dataclasses.asdict(cfg.model), sim.vocab_size, sim.server.model.state_dict(), per_device,
-                cfg.device.lr, cfg.privacy.clip_bound, 1)
-    la = load()
-    try:
-        res = fb.run_baseline(job, len(cohort), rounds=rounds, cpus_per_client=1.0)
-    except Exception as e:  # noqa: BLE001 - report the failure as data, keep the other sections
-        return {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        shutil.rmtree(job.parent, ignore_errors=True)
-        torch.set_num_threads(threads)
-    steady = statistics.median(res["round_seconds"][1:] or res["round_seconds"])
-    out = {"cohort": len(cohort), "round_seconds": steady, "round_runs": res["round_seconds"],
-           "wall_seconds": res["wall_seconds"], "devices_per_second": len(cohort) / steady, "load_avg": [la, load()],
-           "what": "Flower 1.42 FedAvg (Message API), Ray, one SuperNode per device, 1 CPU per client; first round "
-                   "(actor warm-up) excluded from round_seconds"}
-    if floor_s:
-        out["over_floor"] = steady / floor_s
-    if round_s:
-        out["over_pflm_round"] = steady / round_s
-    return out
 
 
 def timed_round(sim: Simulator, round_idx: int) -> float:
@@ -397,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                 base_sim.vocab_size)])
         doc["flops"] = flops_report(base_sim.cfg, base_sim.vocab_size, res["target_tokens"],
                                     {"floor": res["floor_seconds"], "round": res["round_seconds"]}, peak)
-    if "flower" in sections:
-        doc["flower_baseline"] = flower_baseline(base_sim, args.round, args.threads, 1 + p["repeats"],
-                                                 doc.get("floor", {}).get("floor_seconds"),
-                                                 doc.get("round", {}).get("round_seconds"))
+    if "flower" in sections:  # a plain Flower FedAvg app on the same per-device batches (scripts/flower_baseline.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import flower_baseline
+
+        _, per_device = device_batch_lists(base_sim, args.round)
+        doc["flower_baseline"] = flower_baseline.bench_section(
+            base_sim.cfg, base_sim.vocab_size, base_sim.server.model.state_dict(), per_device, 1 + p["repeats"],
+            doc.get("floor", {}).get("floor_seconds"), doc.get("round", {}).get("round_seconds"), load)
+        torch.set_num_threads(args.threads)
     if "scaling" in sections:
         doc["scaling"] = {}
         for c in p["scaling"]:

@@ -131,6 +131,38 @@ def run_baseline(job_path: Path, num_nodes: int, rounds: int = 2, cpus_per_clien
     return result
 
 
+def bench_section(cfg, vocab_size: int, state_dict: dict, per_device: list, rounds: int, floor_s: float | None,
+                  round_s: float | None, load) -> dict:
+    """bench.py's `flower` section: the app on `per_device` batches (one SuperNode per device, one CPU and one
+    torch thread per client), steady round time (first round = actor warm-up, excluded) and its ratios."""
+    import dataclasses
+    import shutil
+    import statistics
+    import tempfile
+
+    job = Path(tempfile.mkdtemp(prefix="pflm_flower_baseline_")) / "job.pt"
+    save_job(job, dataclasses.asdict(cfg.model), vocab_size, state_dict, per_device, cfg.device.lr,
+             cfg.privacy.clip_bound, 1)
+    la = load()
+    try:
+        res = run_baseline(job, len(per_device), rounds=rounds, cpus_per_client=1.0)
+    except Exception as e:  # noqa: BLE001 - report the failure as data, keep the other sections
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        shutil.rmtree(job.parent, ignore_errors=True)
+    steady = statistics.median(res["round_seconds"][1:] or res["round_seconds"])
+    out = {"cohort": len(per_device), "round_seconds": steady, "round_runs": res["round_seconds"],
+           "wall_seconds": res["wall_seconds"], "devices_per_second": len(per_device) / steady,
+           "load_avg": [la, load()],
+           "what": "Flower 1.42 FedAvg (Message API), Ray, one SuperNode per device, 1 CPU per client; first round "
+                   "(actor warm-up) excluded from round_seconds"}
+    if floor_s:
+        out["over_floor"] = steady / floor_s
+    if round_s:
+        out["over_pflm_round"] = steady / round_s
+    return out
+
+
 if __name__ == "__main__":
     import torch
 
