@@ -58,6 +58,10 @@ def _sweep(sub: argparse._SubParsersAction) -> None:
 
 def _report(sub: argparse._SubParsersAction) -> None:
     from pflm.commands.report import register
+
+    register(sub)
+
+
 def _audit(sub: argparse._SubParsersAction) -> None:
     from pflm.commands.audit import register
 

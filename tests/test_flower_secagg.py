@@ -9,6 +9,7 @@ strangers, refuses, or fails mid-protocol drops only its own users.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -27,6 +28,7 @@ from pflm.aggregator.secagg.masking import MaskStream, Session
 from pflm.aggregator.secagg.protocol import SecAggServer
 from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.config import load_recipe
+from pflm.flower import device as flower_device
 from pflm.flower import secure_node
 from pflm.flower.client_app import app as client_app
 from pflm.flower.server_app import flower_driver
@@ -107,6 +109,7 @@ def recorded(monkeypatch):
         return res, vec, aux
 
     monkeypatch.setattr(device_update_module, "device_update", spy)
+    monkeypatch.setattr(flower_device, "device_update", spy)  # the node-side loop's own reference
     return seen
 
 
@@ -375,3 +378,65 @@ def test_remote_aggregator_refuses_local_uploads():
     assert sorted(agg.cohort) == [0, 1, 2, 3] and set(agg.pseudonym) == {3, 5, 9, 11}
     with pytest.raises(Exception, match="own machines"):
         agg.add(3, torch.zeros(8), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- the PKI
+def _enrol_everyone(grid, population: int) -> list[str]:
+    """Every training user's long-term key, made on its own node: the PKI's registry, from outside the server."""
+    keys = []
+    for ctx in grid.nodes.values():
+        p, n = ctx.node_config["partition-id"], ctx.node_config["num-partitions"]
+        devs = secure_node.NodeDevices(ctx)
+        keys += [wire.b64(devs.enrol(u)) for u in range(population) if u % n == p]
+    return keys
+
+
+@pytest.mark.parametrize("pki", [False, True])
+def test_key_swap_impersonation_needs_the_nodes_trusted_registry(synthetic_data, tmp_path, node_policy_file, pki):
+    """Attack (malicious server, Bonawitz et al. §4 needs a PKI for this): swap one device's registry key for the
+    server's own and re-sign that device's advertisement with it, so honest devices encrypt their shares to keys the
+    server holds. With only the ServerApp's registry (pinned on first use) the honest devices go along; with the
+    PKI's keys in the node policy (`trusted_keys`) every device refuses and the round fails safely."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from pflm.aggregator.secagg.messages import Advertisement, DeviceIdentity
+
+    cfg = _secure_cfg(synthetic_data, tmp_path, **{"aggregation.secagg.malicious": "true"})
+    fake = DeviceIdentity(0)
+    fake_pk = [X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for _ in range(2)]
+    seen: dict = {}
+
+    def tamper(stage, msg, p):
+        if stage not in ("advertise", "share"):
+            return
+        blob = secure_node.read_blob(msg.content)
+        if stage == "advertise":
+            seen["session"] = wire.session_from(blob["session"])
+        if stage != "share":
+            return
+        v = seen.setdefault("victim", min(int(u) for u in blob["registry"]))
+        blob["registry"][str(v)] = wire.b64(fake.public_key)
+        for i, d in enumerate(blob["ads"]):
+            if int(d["u"]) == v:
+                ad = Advertisement(v, fake_pk[0], fake_pk[1], wire.unb64(d["b"]))
+                ad = Advertisement(v, ad.c_pk, ad.s_pk, ad.b_commit, fake.sign(ad.payload(seen["session"])))
+                blob["ads"][i] = wire.ad_to(ad)
+        msg.content[secure_node.SECAGG] = secure_node.blob_record(blob)
+
+    grid = StageGrid([0, 1, 2], 3, tamper=tamper)
+    sim = flower_driver(cfg, grid)
+    if pki:
+        policy = json.loads(node_policy_file.read_text())
+        policy["trusted_keys"] = _enrol_everyone(grid, sim.population)
+        node_policy_file.write_text(json.dumps(policy))
+    m = sim.run_round(0)
+    replies = [secure_node.read_blob(content) for stage, _, content in grid.seen if stage == "share"]
+    to_victim = [s for r in replies for box in r["outboxes"].values() for s in box if int(s["to"]) == seen["victim"]]
+    refused = [why for r in replies for why in r["refused"].values()]
+    if pki:
+        assert not to_victim and len(refused) == 8 and all("trusted registry" in w or "own long-term" in w
+                                                            for w in refused)
+        assert "failed" in m  # below threshold: model and accountant untouched
+    else:
+        assert len(to_victim) == 7  # every honest device encrypted its shares to the server's key

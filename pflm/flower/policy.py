@@ -7,12 +7,16 @@ therefore read from the node's own policy, not from the round message:
   refuse (`SecAggClient`);
 - whether seed-derived device keys (`privacy.reproducible`) are acceptable: a server that could switch them on
   would know every device's DP-SGD noise and rounding draws;
+- which long-term device keys exist (malicious-server variant): with `trusted_keys` (the enrolled devices' Ed25519
+  public keys, from a PKI outside the server) a round whose key registry holds any other key is refused, so the
+  server cannot impersonate a device by swapping its key; without it the devices trust the ServerApp's registry
+  (keys pinned on first use);
 - where the node's data lives.
 
 Sources, first found wins: the node config key `policy="FILE"` (`flower-supernode --node-config`), the environment
 variable PFLM_NODE_POLICY=FILE, else the built-in strict policy (`NodePolicy()`): SecAgg+ floors from Bell et al.
 for 5% colluders / 5% dropouts / 2^-20, semi-honest server, fresh OS-CSPRNG keys only. FILE is YAML/JSON:
-`{secagg: {...aggregation.secagg keys...}, allow_reproducible: bool, data_dir: str}`.
+`{secagg: {...aggregation.secagg keys...}, allow_reproducible: bool, data_dir: str, trusted_keys: [base64, ...]}`.
 
 In a Flower *simulation* one person runs the server and every node, so `pflm train backend=flower` writes a policy
 from the recipe itself (`write_node_policy`) and points the simulated nodes at it.
@@ -20,6 +24,7 @@ from the recipe itself (`write_node_policy`) and points the simulated nodes at i
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -51,6 +56,17 @@ class NodePolicy:
     secagg: SecAggConfig = field(default_factory=_strict_secagg)
     allow_reproducible: bool = False  # accept privacy.reproducible (seed-derived device keys): simulations only
     data_dir: str = ""  # the node's prepared data (node config `data-dir` overrides it)
+    # base64 Ed25519 public keys of every enrolled device (the PKI, from outside the server); [] = trust the
+    # ServerApp's registry (pinned on first use)
+    trusted_keys: list[str] = field(default_factory=list)
+
+    def trusted_key_set(self) -> frozenset[bytes] | None:
+        if not self.trusted_keys:
+            return None
+        try:
+            return frozenset(base64.b64decode(k, validate=True) for k in self.trusted_keys)
+        except (ValueError, TypeError):
+            raise ConfigError("policy.trusted_keys must be base64 Ed25519 public keys") from None
 
     def session_config(self, requested: SecAggConfig) -> SecAggConfig:
         """The server's requested SecAgg options with every trusted field replaced by this policy's."""

@@ -83,16 +83,22 @@ class NodeDevices:
     def identity(self, pid: int) -> DeviceIdentity:
         """The long-term signing key of the user behind pseudonym `pid` (enrolled on this node at first use; kept
         in context.state across rounds, never sent)."""
+        return DeviceIdentity(pid, self._signing_key(self.user_of[pid]))
+
+    def enrol(self, user: int) -> bytes:
+        """The long-term public key of `user` on this node (made now if new): what the node hands the PKI."""
+        return DeviceIdentity(0, self._signing_key(user)).public_key
+
+    def _signing_key(self, user: int):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        user = self.user_of[pid]
         rec = self.context.state.config_records.get(IDENTITIES) if IDENTITIES in self.context.state else None
         if rec is None:
             rec = ConfigRecord()
         if str(user) not in rec:
             rec[str(user)] = Ed25519PrivateKey.generate().private_bytes_raw()
             self.context.state[IDENTITIES] = rec
-        return DeviceIdentity(pid, Ed25519PrivateKey.from_private_bytes(bytes(rec[str(user)])))
+        return Ed25519PrivateKey.from_private_bytes(bytes(rec[str(user)]))
 
     def put(self, c: SecAggClient) -> None:
         self.blobs[c.device_id] = wire.client_state(c)
@@ -170,11 +176,15 @@ def share(msg: Message, context: Context) -> Message:
     ads = {int(d["u"]): wire.ad_from(d) for d in req["ads"]}
     nbs = {int(p): [int(v) for v in nb] for p, nb in req["neighbours"].items()}
     registry = wire.registry_from(req["registry"]) if req.get("registry") is not None else None
+    trusted = node_policy(context.node_config).trusted_key_set()
 
     def share_keys(pid: int, c: SecAggClient):
         if c.session.malicious:
             if registry is None or not registry.verify(pid, c.identity.sign(b"pflm-own-key"), b"pflm-own-key"):
                 c._refuse("the round's key registry does not hold its own long-term key")
+            if trusted is not None and not registry.public_keys() <= trusted:
+                c._refuse("the round's key registry holds a key outside this node's trusted registry (a device the "
+                          "PKI does not know: the server may be impersonating one)")
             c.registry = registry
         return c.share_keys(ads, nbs[pid])
 

@@ -161,6 +161,9 @@ class DeviceRegistry:
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._keys
 
+    def public_keys(self) -> frozenset[bytes]:
+        return frozenset(self._keys.values())
+
     def verify(self, device_id: int, signature: bytes, payload: bytes) -> bool:
         pk = self._keys.get(int(device_id))
         if pk is None or len(signature) != 64:
