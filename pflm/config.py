@@ -65,12 +65,16 @@ class DPSGDConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     delta: float = 1e-5
     sample_rate: float = 0.0  # Poisson rate for each local step; 0 = batch_size / user's sentences
+    # ghost/hooks: run the LSTM fused with whole-sequence Linears (pflm.model.fused_dplstm; same per-sample
+    # gradients as Opacus' step-by-step DPLSTM, several times faster); false = Opacus' DPLSTM forward
+    fused_lstm: bool = True
 
     def __post_init__(self) -> None:
         _check(self.max_grad_norm > 0, "dpsgd.max_grad_norm must be > 0")
         _check(self.noise_multiplier >= 0, "dpsgd.noise_multiplier must be >= 0")
         _check(0 < self.delta < 1, "dpsgd.delta must be in (0, 1)")
         _check(0 <= self.sample_rate <= 1, "dpsgd.sample_rate must be in [0, 1]")
+        _check(isinstance(self.fused_lstm, bool), "dpsgd.fused_lstm must be true or false")
 
 
 @dataclass
