@@ -7,6 +7,8 @@ the privacy accountant. The in-process simulator and the Flower ServerApp both d
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -65,6 +67,7 @@ class FederatedServer:
             population, s.cohort_size, s.availability, s.min_separation, s.max_participations, self.cohort_rng)
         self.participation_stats: dict[int, dict[str, int]] = {}  # per round; not in RELEASED: diagnostics only
         self.ledger = ledger
+        self.ledger_key = subkey(run_key, "ledger-pre-noise-digest")
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
         self.rounds_done = 0
 
@@ -111,12 +114,16 @@ class FederatedServer:
         metrics: dict[str, float] = {"contributors": agg.num_contributors}
         if self.participation is not None:
             metrics.update(self.participation_stats.pop(plan.round, {}))
+        ctx, pre = plan.ctx, ""
+        if self.ledger is not None and self.privacy.private:  # a redo with a new aggregate gets fresh noise
+            pre = release_digest(agg, ctx.clip_bound, self.ledger_key)
+            ctx = dataclasses.replace(ctx, release_attempt=self.ledger.attempt(plan.round, pre))
         for pp in self.postprocessors:
-            agg, m = pp.on_server(agg, plan.ctx)
+            agg, m = pp.on_server(agg, ctx)
             metrics.update(m)
         releases = 1
         if self.ledger is not None and self.privacy.private:
-            releases = self.ledger.record(plan.round, release_digest(agg, plan.ctx.clip_bound))
+            releases = self.ledger.record(plan.round, release_digest(agg, ctx.clip_bound), pre, ctx.release_attempt)
             if releases > 1:
                 metrics["releases_of_round"] = releases  # redone after a resume with a different result
         if self.cfg.server.weighting == "uniform":
