@@ -81,6 +81,7 @@ def test_audit_refuses_bad_input_with_one_line(wordfreq_data: str, private_synth
         (["--space", "ssn"], "unknown canary space"),
         (["peu.mode=topk", "peu.k=64"], "peu.mode=all"),
         (["data.max_sentences_per_device=4", "--repeats", "10"], "exceeds data.max_sentences_per_device=4"),
+        (["--users-per-canary", "0"], "must be >= 1"),
         ([f"data.dir={private_synthetic_data}", "--space", "phone"], "lacks"),
     ]
     for i, (extra, msg) in enumerate(cases):

@@ -85,6 +85,7 @@ def test_eps_sweep_in_a_process_pool_draws_the_runs_numbers(synthetic_data, tmp_
     assert [float(r["rescored_wer"]) for r in rows] == [wers[e]["rescored_wer"] for e in ("1", "4", "inf")]
     assert wer_panel["lines"][0]["y"] == [wers["1"]["rescored_wer"], wers["4"]["rescored_wer"]]
     assert wer_panel["hlines"][0]["y"] == wers["inf"]["rescored_wer"] and wers["inf"]["test_utterances"] == 12
+    assert wer_panel["hlines"][1] == {"label": "first pass (no LM rescoring)", "y": wers["1"]["first_pass_wer"]}
     (line,) = panel["lines"]
     assert line["x"] == [summaries["1"]["epsilon"], summaries["4"]["epsilon"]]
     assert line["y"] == [summaries["1"]["test_word_perplexity"], summaries["4"]["test_word_perplexity"]]
@@ -133,3 +134,9 @@ def test_finished_points_are_skipped_and_an_interrupted_one_resumes(synthetic_da
     # more rounds for every point: none is finished any more, each resumes from its last checkpoint
     assert main([*argv, "server.rounds=5", "--dry-run"]) == 0
     assert capsys.readouterr().out.count(": pending") == 2
+    # a different recipe under the same sweep dir is refused up front (one line), before anything is written
+    before = (out / "sweep.json").read_bytes()
+    assert main([*argv, "device.lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "device.lr" in err and "new --out DIR" in err and len(err.splitlines()) == 1
+    assert (out / "sweep.json").read_bytes() == before

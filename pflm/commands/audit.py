@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=50 privacy.noise_cohort=0")
     p.add_argument("--canaries", type=int, default=20, help="sentence canaries (half inserted, half held out)")
     p.add_argument("--repeats", type=int, default=10, help="copies of its phrase each inserted canary user holds")
+    p.add_argument("--users-per-canary", type=int, default=1,
+                   help="users holding each inserted phrase (>1: a phrase many users say; DP then protects it only "
+                        "at group level, users·ε)")
     p.add_argument("--client-canaries", type=int, default=64, help="canary clients (half inserted, half held out)")
     p.add_argument("--space", default="pin", help="canary phrase space: pin (10^4 phrases) or phone (2·10^8)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bounds and intervals")
@@ -49,7 +52,7 @@ def audit_cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.output_dir) / f"audit-{cfg.name}"
     other = load_audit(args.compare) if args.compare else None
     report = run_audit(cfg, out, args.canaries, args.repeats, args.client_canaries, args.space, args.confidence,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, users_per_canary=args.users_per_canary)
     from pflm.commands.audit_plot import plot_exposure
 
     plot_exposure(report, out / PLOT_FILE, other)
@@ -66,11 +69,12 @@ def load_audit(path: str) -> dict:
     return json.loads(f.read_text())
 
 
-def _check_options(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients: int, confidence: float) -> None:
+def _check_options(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients: int, confidence: float,
+                   users_per_canary: int) -> None:
     if canaries < 4 or canaries % 2 or clients < 4 or clients % 2:
         raise ConfigError("--canaries and --client-canaries must be even numbers >= 4 (half are held out)")
-    if repeats < 1:
-        raise ConfigError("--repeats must be >= 1")
+    if repeats < 1 or users_per_canary < 1:
+        raise ConfigError("--repeats and --users-per-canary must be >= 1")
     cap = cfg.data.max_sentences_per_device
     if cap and repeats > cap:
         raise ConfigError(f"--repeats {repeats} exceeds data.max_sentences_per_device={cap} (a device trains on at most "
@@ -84,7 +88,7 @@ def _check_options(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, cl
 
 
 def run_audit(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients: int, space_name: str,
-              confidence: float = 0.95, progress: bool = False) -> dict:
+              confidence: float = 0.95, progress: bool = False, users_per_canary: int = 1) -> dict:
     """Train `cfg` with canaries, score them, write DIR/audit.json; returns the report."""
     from pflm.data.store import FederatedData
     from pflm.driver.run import RunDriver
@@ -93,7 +97,7 @@ def run_audit(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients
     from pflm.secure_random import SecureRandom, derive_key, new_key, subkey
     from pflm.simulation.canaries import CanaryData, CanaryDevices
 
-    _check_options(cfg, out, canaries, repeats, clients, confidence)
+    _check_options(cfg, out, canaries, repeats, clients, confidence, users_per_canary)
     space = get_space(space_name)
     if not cfg.data.dir:
         raise ConfigError("recipe has no data directory; pass data.dir=DIR (a `pflm prepare` output)")
@@ -109,7 +113,7 @@ def run_audit(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients
     n_train = base.num_users("train")
     real = n_train if cfg.data.train_users == 0 else min(n_train, cfg.data.train_users)
     ids = [[base.tokenizer.word_to_id(w) for w in space.phrase(i).split()] for i in inserted]
-    data = CanaryData(base, real, [[t] * repeats for t in ids], clients // 2)
+    data = CanaryData(base, real, [[t] * repeats for t in ids for _ in range(users_per_canary)], clients // 2)
     recipe_name = cfg.name
     cfg.output_dir, cfg.name, cfg.data.train_users = str(out), "run", 0  # population = real users + canaries
     fanout = CanaryDevices(data, rng, clients)
@@ -118,6 +122,7 @@ def run_audit(cfg: RecipeConfig, out: Path, canaries: int, repeats: int, clients
     sc = score_canaries(model, base.tokenizer, space, inserted + held_out, rng)
     report = build_report(cfg, summary, space, inserted, held_out, sc, fanout, repeats, confidence)
     report["run"]["recipe"] = recipe_name
+    report["exposure"]["users_per_canary"] = users_per_canary
     atomic_write_json(out / AUDIT_FILE, report)
     return report
 
@@ -215,8 +220,16 @@ MEANING = {
     "exposure": "Secret Sharer exposure in bits: log2|space| − log2 rank of the canary; ~1 bit when nothing is "
                 "memorised, max_possible when the canary is the model's most likely phrase of its space",
     "rescoring": "fraction of canaries the LM ranks above all 20 alternatives (chance: 1/21 ≈ 0.048)",
+    "exposure.users_per_canary": "users holding each inserted phrase; user-level DP covers a phrase held by U users "
+                                 "only as a group (U·ε)",
     "canaries": "the secret canaries and the inserted/held-out split (operator-side: do not publish before the audit ends)",
 }
+
+
+def _eps(x: float) -> str:
+    from pflm.evaluation.audit_stats import EPS_MAX
+
+    return f">= {EPS_MAX:g} (search ceiling)" if x >= EPS_MAX else f"{x:.3f}"
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -226,10 +239,10 @@ def summary_lines(r: dict) -> list[str]:
         f"verdict: {r['verdict']} — {r['verdict_reason']}",
         f"formal epsilon: {f['epsilon']} (delta {f['delta']:g}; {f['what']})",
         f"empirical epsilon lower bound: {e['value']:.3f} ({e['confidence']:.0%} confidence)",
-        f"one-run epsilon estimate, final model: {o1['epsilon']:.3f} [{o1['epsilon_low']:.3f}, {o1['epsilon_high']:.3f}]",
+        f"one-run epsilon estimate, final model: {_eps(o1['epsilon'])} [{_eps(o1['epsilon_low'])}, {_eps(o1['epsilon_high'])}]",
     ]
     if oa:
-        lines.append(f"one-run epsilon estimate, all iterates: {oa['epsilon']:.3f} [{oa['epsilon_low']:.3f}, {oa['epsilon_high']:.3f}]")
+        lines.append(f"one-run epsilon estimate, all iterates: {_eps(oa['epsilon'])} [{_eps(oa['epsilon_low'])}, {_eps(oa['epsilon_high'])}]")
     lines += [
         f"exposure (bits, max possible {ex['max_possible']:.2f}): inserted mean {ex['inserted_mean']:.2f} max "
         f"{ex['inserted_max']:.2f}; held-out mean {ex['held_out_mean']:.2f} max {ex['held_out_max']:.2f}",

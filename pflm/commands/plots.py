@@ -44,6 +44,7 @@ class UtilityPoint:
     epsilon: float | None
     perplexity: float
     wer: float | None
+    first_pass_wer: float | None = None  # of the N-best lists alone (no LM): the reference on the WER panel
 
 
 def _figure(rows: int, cols: int, width: float, height: float) -> "Figure":
@@ -89,15 +90,17 @@ def _draw_panels(fig: "Figure", runs: list["RunRecord"], panels: list[tuple[str,
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         lines, missing = [], []
-        for run in runs:
-            for key, suffix in keys:
+        for ri, run in enumerate(runs):
+            for ki, (key, suffix) in enumerate(keys):
                 pts = series_of(run, key)
                 if not pts:
                     missing.append(key)
                     continue
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 label = _label(run) + suffix if len(runs) > 1 or suffix else None
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+                # one colour per run, one line style per key (update solid, its noise dashed)
+                ax.plot(xs, ys, color=f"C{ri % 10}", linestyle=("-", "--", ":")[ki % 3],
+                        marker="o" if len(xs) < 30 else None, markersize=3, label=label)
                 lines.append({"run": str(run.run_dir), "key": key, "source": source.get(key, "metrics.jsonl"),
                               "label": label, "x": xs, "y": ys})
         note = ""
@@ -122,7 +125,7 @@ def _draw_panels(fig: "Figure", runs: list["RunRecord"], panels: list[tuple[str,
 def curves_figure(runs: list["RunRecord"]) -> tuple["Figure", dict]:
     """Per-round curves of one or more runs, from the RELEASED keys of metrics.jsonl only."""
     fig = _figure(2, 3, 15, 8)
-    names = ", ".join(r.name for r in runs)
+    names = ", ".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)} runs"
     fig.suptitle(f"{names}: released per-round metrics (metrics.jsonl)", fontsize=12)
     panels = _draw_panels(fig, runs, CURVE_PANELS, {"noisy_clipped_fraction": "metrics.jsonl:noisy_unclipped_fraction"},
                           _run_series)
@@ -170,6 +173,15 @@ def privacy_utility_figure(points: list[UtilityPoint], title: str, epsilon_note:
                     label = f"no DP (ε = ∞) {g}".strip()
                     ax.axhline(y, linestyle="--", color=hcolor, label=label)
                     hlines.append({"label": label, "y": y})
+        first = {p.first_pass_wer for p in points}
+        if attr == "wer" and len(first) == 1 and None not in first:
+            (fp,) = first
+            ax.axhline(fp, linestyle=":", color="gray", label="first pass (no LM rescoring)")
+            hlines.append({"label": "first pass (no LM rescoring)", "y": fp})
+        if attr == "wer":
+            from matplotlib.ticker import PercentFormatter
+
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         if lines and all(x > 0 for ln in lines for x in ln["x"]):
             ax.set_xscale("log")
             ticks = sorted({x for ln in lines for x in ln["x"]})

@@ -39,10 +39,11 @@ def utility_points(spec: dict, done: list[tuple[dict, RunRecord]]) -> list["Util
     for point, run in done:
         group = ", ".join(f"{k}={v}" for k, v in point["values"].items() if k not in EPSILON_KEYS)
         wer = run.rescore.get("rescored_wer") if run.rescore else None
+        first = run.rescore.get("first_pass_wer") if run.rescore else None
         ppl = run.summary.get("test_word_perplexity")
         if ppl is None:
             continue
-        out.append(UtilityPoint(group, run.summary.get("epsilon") if run.private else None, float(ppl), wer))
+        out.append(UtilityPoint(group, run.summary.get("epsilon") if run.private else None, float(ppl), wer, first))
     return out
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from pflm.commands.sweep_grid import SweepPoint, expand, parse_grids
 from pflm.config import ALIASES, RecipeConfig, load_recipe, recipe_to_dict
+from pflm.driver.recipe_check import recipe_changes
 from pflm.errors import ConfigError, DataError, PflmError
+from pflm.evaluation.run_model import RECIPE_FILE
 from pflm.io_utils import atomic_write_json, atomic_write_text
 from pflm.runtime import available_cpus
 
@@ -160,6 +162,11 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     for c in {c.data.dir for c in cfgs.values()}:
         if not c or not (Path(c) / "manifest.json").is_file():
             raise DataError(f"data.dir={c or '(none)'} is not a `pflm prepare` output directory; pass data.dir=DIR")
+    for pt in points:  # a point's existing run must continue under the same recipe (pflm train's resume rule)
+        try:
+            recipe_changes(cfgs[pt.slug].run_dir, cfgs[pt.slug], RECIPE_FILE)
+        except PflmError as e:
+            raise PflmError(f"grid point {pt.slug}: {e}; or sweep into a new --out DIR") from None
     pending = [pt for pt in points if not finished(cfgs[pt.slug])]
     todo = [pt for pt in points if pt in pending or rescore_needed(cfgs[pt.slug].run_dir, nbest)]
     jobs = max(1, min(args.jobs, len(todo)))

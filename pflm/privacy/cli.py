@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from pflm.errors import ConfigError
 from pflm.io_utils import atomic_write_bytes, atomic_write_text
 from pflm.privacy.accountant import ACCOUNTANTS, SAMPLINGS, PrivacyBudget, calibrate_noise, compute_epsilon
+from pflm.privacy.dpftrl import cli as dpftrl_cli
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +38,13 @@ def _population_args(p: argparse.ArgumentParser, with_rate: bool) -> None:
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="Opacus rdp|prv, or pld (dp-accounting)")
     p.add_argument("--sampling", choices=SAMPLINGS, default="poisson", help="how cohorts are drawn (default poisson)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of key: value lines")
+    dpftrl_cli.add_args(p)
 
 
 def _solve(args: argparse.Namespace, sigma: float | None = None, epsilon: float | None = None) -> dict[str, Any]:
     """ε for σ, or σ for a target ε, from --cohort/--population (a PrivacyBudget) or --sampling-rate."""
+    if args.mechanism == "dpftrl":
+        return dpftrl_cli.solve(args, sigma, epsilon)
     rate = getattr(args, "sampling_rate", None)
     if rate is None:
         if args.cohort is None or args.population is None:
@@ -132,6 +136,9 @@ def run_plan(args: argparse.Namespace) -> int:
     curves: list[tuple[str, float, float]] = []
     for cohort in args.cohorts:
         for rounds in sorted(args.rounds):
+            if args.mechanism == "dpftrl":
+                rows.append(dpftrl_cli.plan_row(args, cohort, rounds))
+                continue
             b = PrivacyBudget(population=args.population, cohort=cohort, rounds=rounds, delta=args.delta,
                               epsilon=args.epsilon, accountant=args.accountant, sampling=args.sampling)
             sigma = float(b.noise_multiplier or 0.0)
@@ -143,6 +150,8 @@ def run_plan(args: argparse.Namespace) -> int:
                 # signal: the mean of clipped updates has norm ≤ C (= C when all updates agree and are clipped)
                 "snr_upper_bound": args.clip_bound / noise_norm if noise_norm > 0 else math.inf,
             })
+        if args.mechanism == "dpftrl":
+            continue
         curves.append((f"cohort {cohort} (q={cohort / args.population:g}), σ={rows[-1]['noise_multiplier']:.3f}",
                        cohort / args.population, rows[-1]["noise_multiplier"]))
     out = Path(args.out)
@@ -152,6 +161,8 @@ def run_plan(args: argparse.Namespace) -> int:
     writer.writerows(rows)
     atomic_write_text(out / "plan.csv", buf.getvalue())
     _plot(out / "plan.png", curves, max(args.rounds), args.delta, args.epsilon, args.accountant)
+    if args.mechanism == "dpftrl":
+        return _report_dpftrl_plan(rows, out, args)
     statement = (
         f"Poisson sampling with q=cohort/population per row (what the {args.accountant} accountant analyses)"
         if args.sampling == "poisson"
@@ -171,6 +182,31 @@ def run_plan(args: argparse.Namespace) -> int:
           "SNR<= = C/|noise| (mean clipped update ≤ C)")
     print(f"sampling: {statement}")
     print(f"wrote {out / 'plan.csv'} and {out / 'plan.png'}")
+    return 0
+
+
+def _report_dpftrl_plan(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> int:
+    """The DP-FTRL plan: plan.csv (no ε-vs-rounds plot: ε is one release for the whole run)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "plan.csv", buf.getvalue())
+    statement = (f"DP-FTRL {args.kind}: no sampling amplification; each user in ≤ k rounds ≥ b apart "
+                 "(b = --min-separation or population // cohort)")
+    if args.json:
+        print(json.dumps({"rows": rows, "sampling_statement": statement, "csv": str(out / "plan.csv")}))
+        return 0
+    print(f"target ε={args.epsilon:g} δ={args.delta:g} population={args.population} C={args.clip_bound:g} "
+          f"d={args.dim} accountant={args.accountant} mechanism=dpftrl/{args.kind}")
+    print(f"{'cohort':>8} {'rounds':>7} {'b':>6} {'k':>4} {'sens':>8} {'sigma':>8} {'std(avg)':>10} {'std(sum)':>10}")
+    for r in rows:
+        print(f"{r['cohort']:>8} {r['rounds']:>7} {r['min_separation']:>6} {r['max_participations']:>4} "
+              f"{r['sensitivity']:>8.4f} {r['noise_multiplier']:>8.4f} {r['noise_std_mean']:>10.3e} "
+              f"{r['prefix_noise_std_mean']:>10.3e}")
+    print("std(avg) = σ·C/cohort on z; std(sum) = noise std per coordinate of the worst prefix sum of averages")
+    print(f"sampling: {statement}")
+    print(f"wrote {out / 'plan.csv'}")
     return 0
 
 
@@ -210,6 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
     pl.add_argument("--out", default="privacy_plan", help="directory for plan.csv and plan.png")
     pl.add_argument("--json", action="store_true")
+    dpftrl_cli.add_args(pl)
     pl.set_defaults(func=quiet(run_plan))
     for parser in (e, c, pl):
         _one_line_errors(parser)

@@ -5,7 +5,7 @@ aggregation, the server's noise, averaging and the server optimizer — or the a
 pipeline. So nothing here touches the server or the privacy chain:
 
 * `CanaryData` is the prepared dataset with extra *training users* appended after the real ones: sentence-canary
-  users (each holds its canary phrase repeated R times) and canary-client ids. The driver's population, and so
+  users (each holds its canary phrase repeated R times; a phrase may be held by several users) and canary-client ids. The driver's population, and so
   cohort sampling and the accountant's q, include them.
 * `CanaryDevices` is the in-process fan-out (`LocalDevices`) in which a canary client, when the cohort samples it,
   uploads a fixed secret random unit direction scaled to the round's clip bound (Andrew et al. 2024) instead of
