@@ -50,6 +50,12 @@ def _rescore(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def _pretrain(sub: argparse._SubParsersAction) -> None:
+    from pflm.commands.pretrain import register
+
+    register(sub)
+
+
 def _sweep(sub: argparse._SubParsersAction) -> None:
     from pflm.commands.sweep import register
 
@@ -80,6 +86,7 @@ COMMANDS: dict[str, Registrar] = {
     "sweep": _sweep,
     "report": _report,
     "audit": _audit,
+    "pretrain": _pretrain,
 }
 SUBCOMMAND_MODULES: list[Registrar] = list(dict.fromkeys(COMMANDS.values()))  # all of them, each once (--help)
 

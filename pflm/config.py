@@ -65,12 +65,16 @@ class DPSGDConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     delta: float = 1e-5
     sample_rate: float = 0.0  # Poisson rate for each local step; 0 = batch_size / user's sentences
+    # ghost/hooks: run the LSTM fused with whole-sequence Linears (pflm.model.fused_dplstm; same per-sample
+    # gradients as Opacus' step-by-step DPLSTM, several times faster); false = Opacus' DPLSTM forward
+    fused_lstm: bool = True
 
     def __post_init__(self) -> None:
         _check(self.max_grad_norm > 0, "dpsgd.max_grad_norm must be > 0")
         _check(self.noise_multiplier >= 0, "dpsgd.noise_multiplier must be >= 0")
         _check(0 < self.delta < 1, "dpsgd.delta must be in (0, 1)")
         _check(0 <= self.sample_rate <= 1, "dpsgd.sample_rate must be in [0, 1]")
+        _check(isinstance(self.fused_lstm, bool), "dpsgd.fused_lstm must be true or false")
 
 
 @dataclass
@@ -120,6 +124,19 @@ class DistributedDPConfig:
 
 
 @dataclass
+class DPFTRLConfig:
+    """DP-FTRL correlated noise (`privacy.mechanism: dpftrl`, docs/dpftrl.md): the strategy matrix C."""
+
+    kind: Literal["blt", "banded_mf", "tree"] = "blt"
+    buffers: int = 4  # blt: number of buffers (memory: buffers × release length floats)
+    bands: int = 0  # banded_mf: bands p (0 = server.min_separation; 1 = independent noise, i.e. DP-FedAvg)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.buffers <= 16, "privacy.dpftrl.buffers must be in [1, 16]")
+        _check(self.bands >= 0, "privacy.dpftrl.bands must be >= 0 (0 = server.min_separation)")
+
+
+@dataclass
 class PrivacyConfig:
     """User-level DP at the aggregator: clip each device update to C, Gaussian noise σ·C on the sum."""
 
@@ -137,7 +154,8 @@ class PrivacyConfig:
     adaptive_clipping: AdaptiveClipConfig = field(default_factory=AdaptiveClipConfig)
     # How the noise is added. "gaussian": central Gaussian on the sum by the server (after secure aggregation).
     # Other mechanisms extend this Literal (one value per mechanism; see docs/privacy.md).
-    mechanism: Literal["gaussian", "distributed_skellam", "distributed_dgauss"] = "gaussian"
+    mechanism: Literal["gaussian", "dpftrl", "distributed_skellam", "distributed_dgauss"] = "gaussian"
+    dpftrl: DPFTRLConfig = field(default_factory=DPFTRLConfig)  # used when mechanism is dpftrl
     distributed: DistributedDPConfig = field(default_factory=DistributedDPConfig)  # distributed_* mechanisms only
 
     def __post_init__(self) -> None:
@@ -176,7 +194,13 @@ class AggregationConfig:
 class ServerConfig:
     rounds: int = 10
     cohort_size: int = 10
-    sampling: Literal["fixed", "poisson"] = "poisson"  # DP runs need poisson (what the accountants analyse)
+    sampling: Literal["fixed", "poisson", "available"] = "poisson"  # DP runs need poisson (what the accountants analyse)
+    # sampling=available (DP-FTRL): each round every device is available with probability `availability`; the
+    # cohort is drawn from the available devices that joined fewer than `max_participations` rounds and not in
+    # the last `min_separation` − 1 rounds (pflm/server/participation.py). No secrecy of the cohort is assumed.
+    availability: float = 1.0
+    min_separation: int = 1  # b: rounds between two participations of one device (1 = no limit)
+    max_participations: int = 0  # k: rounds one device may join (0 = as many as min_separation allows)
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
@@ -185,6 +209,7 @@ class ServerConfig:
     adam_eps: float = 1e-3
     init_output_bias: Literal["prior", "zero"] = "prior"  # start the output bias at log of the public prior
     zero_output_weight: bool = False  # start the output weights at 0: rows no device trains keep exactly the prior
+    init_from: str = ""  # start from public pretrained weights (`pflm pretrain` OUT/model.safetensors; pflm/model/pretrained.py)
     lora_merge_every: int = 0  # with LoRA: fold adapters into the base weights every N rounds (0 = never)
     eval_every: int = 5  # validation perplexity every N rounds (and at the end)
     checkpoint_every: int = 5
@@ -198,6 +223,12 @@ class ServerConfig:
         _check(self.eval_every >= 1, "server.eval_every must be >= 1")
         _check(self.lora_merge_every >= 0, "server.lora_merge_every must be >= 0 (0 = never)")
         _check(self.checkpoint_every >= 1, "server.checkpoint_every must be >= 1")
+        _check(0 < self.availability <= 1, "server.availability must be a probability in (0, 1]")
+        _check(self.min_separation >= 1, "server.min_separation must be >= 1 (1 = no separation limit)")
+        _check(self.max_participations >= 0, "server.max_participations must be >= 0 (0 = no limit beyond min_separation)")
+        _check(self.sampling == "available" or (self.min_separation, self.max_participations, self.availability)
+               == (1, 0, 1.0), "server.min_separation/max_participations/availability apply only to "
+               "server.sampling=available (they would be ignored); set server.sampling=available or remove them")
 
 
 @dataclass
@@ -256,11 +287,18 @@ class RecipeConfig:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")
         _check(self.threads >= 0, "threads must be >= 0 (0 = every CPU)")
         _check(self.device_workers >= 0, "device_workers must be >= 0 (0 = one simulated device per thread)")
+        if self.privacy.mechanism == "dpftrl":
+            _check(self.server.sampling == "available",
+                   "privacy.mechanism=dpftrl assumes no secret sampling: set server.sampling=available (cohorts from "
+                   "available devices under server.min_separation / server.max_participations)")
+            _check(self.peu.mode != "sampled",
+                   "privacy.mechanism=dpftrl needs the same released rows every round (correlated noise cancels per "
+                   "coordinate across rounds): use peu.mode=all or peu.mode=topk")
         if self.private:
             _check(
-                self.server.sampling == "poisson",
-                "server.sampling=fixed is not allowed with DP noise: fixed-size cohorts (sampling without "
-                "replacement) are not what the accountant analyses; use server.sampling=poisson",
+                self.server.sampling == "poisson" or self.privacy.mechanism != "gaussian",
+                f"server.sampling={self.server.sampling} is not allowed with Gaussian DP noise: the accountant "
+                "analyses Poisson sampling; use server.sampling=poisson (or privacy.mechanism=dpftrl)",
             )
             _check(
                 self.server.weighting == "uniform",
@@ -278,6 +316,8 @@ class RecipeConfig:
             _check(not self.privacy.adaptive_clipping.enabled,
                    f"privacy.mechanism={mech} does not support adaptive clipping: set privacy.adaptive_clipping.enabled=false")
             _check(self.privacy.accountant == "rdp", f"privacy.mechanism={mech} is accounted with RDP: set privacy.accountant=rdp")
+            _check(self.server.sampling == "poisson", f"privacy.mechanism={mech} is accounted with Poisson sampling: "
+                   "set server.sampling=poisson")
             _check(self.backend == "inprocess",
                    f"privacy.mechanism={mech} runs on the in-process backend only (the Flower device half does not add "
                    "distributed noise yet): set backend=inprocess")

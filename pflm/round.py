@@ -26,6 +26,13 @@ class RoundContext:
     clip_bound: float  # L2 bound C on each device's update (owned by privacy: `DPMechanism.clip_bound_for`)
     seed: int  # run seed (for simulation determinism; never a secret)
     extra: dict = field(default_factory=dict)
+    # 0 for a round's first release; k for the k-th *different* aggregate of a round redone after a resume: its noise
+    # must come from a fresh stream, or two releases with the same noise would reveal the exact difference of sums
+    release_attempt: int = 0
+
+    def stream(self, purpose: str) -> str:
+        """The noise stream name of `purpose` for this release attempt (unchanged for the first release)."""
+        return purpose if self.release_attempt == 0 else f"{purpose}/redo{self.release_attempt}"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.evaluation.perplexity import evaluate
 from pflm.io_utils import atomic_write_text
 from pflm.model.factory import build_model
+from pflm.model.flops import lstm_layer_flops, training_flops_per_token
 from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator
 
@@ -50,6 +51,9 @@ VARIANTS: dict[str, dict] = {
                      "device.train_embeddings": True, "device.loss": "nce", "device.num_samples": 256},
     "dpsgd": {"dpsgd.enabled": True, "dpsgd.grad_sample_mode": "ghost", "dpsgd.max_grad_norm": 1.0,
               "dpsgd.noise_multiplier": 1.0},
+    # the same with Opacus' step-by-step DPLSTM instead of pflm's fused one (pflm.model.fused_dplstm): before/after
+    "dpsgd_opacus_lstm": {"dpsgd.enabled": True, "dpsgd.grad_sample_mode": "ghost", "dpsgd.max_grad_norm": 1.0,
+                          "dpsgd.noise_multiplier": 1.0, "dpsgd.fused_lstm": False},
 }
 # The fastest recipe for section (g): Partial Embedding Updates with the 500 most frequent rows (devices train a
 # full softmax over those rows only). Tried and slower to the target: sampled softmax (256 noise words; validation
@@ -73,7 +77,7 @@ PRESETS: dict[str, dict] = {
              "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "variant_budget_s": 30, "eval_users": 3,
              "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
 }
-SECTIONS = ("floor", "scaling", "parallel", "variants", "eval", "ttp")
+SECTIONS = ("floor", "flower", "scaling", "parallel", "variants", "eval", "ttp")  # "floor" includes the FLOPs/peak report
 
 
 def load() -> float:
@@ -91,17 +95,23 @@ def make_recipe(data_dir: str, out_dir: str, threads: int, *layers: dict) -> Rec
 
 def cohort_batches(sim: Simulator, round_idx: int) -> tuple[list[int], list[Batch]]:
     """The round's cohort and, in device order, every (inputs, targets, mask) its devices train on."""
+    cohort, per_device = device_batch_lists(sim, round_idx)
+    return cohort, [b for bs in per_device for b in bs]
+
+
+def device_batch_lists(sim: Simulator, round_idx: int) -> tuple[list[int], list[list[Batch]]]:
+    """The round's cohort and, per device, the (inputs, targets, mask) batches it trains on."""
     cfg = sim.cfg
     plan = sim.server.plan_round(round_idx)
     lv = LocalVocab(sim.vocab_size, plan.rows)
-    batches: list[Batch] = []
+    batches: list[list[Batch]] = []
     for user in plan.cohort:
         # the simulator's key of this device (its run key is secret unless privacy.reproducible; the bench
         # process owns the simulator, so it may read it)
         key = subkey(sim.run_key, "device", round_idx, user)
         rng, _, seqs, lengths = device_setup(sim.fd.user_tokens("train", user), key,
                                              cfg.data.max_sentences_per_device, cfg.data.max_tokens)
-        batches.extend(device_batches(seqs, lengths, rng, cfg.device.epochs, cfg.device.batch_size, lv))
+        batches.append(list(device_batches(seqs, lengths, rng, cfg.device.epochs, cfg.device.batch_size, lv)))
     return plan.cohort, batches
 
 
@@ -130,6 +140,39 @@ class Floor:
             loss.backward()
             opt.step()
         return time.perf_counter() - t0
+
+
+def matmul_peak(threads: int, shapes: list[tuple[int, int, int]], repeats: int = 5) -> dict:
+    """The machine's achievable float32 matrix-product rate on `threads` threads: best GFLOP/s over `repeats`
+    runs of torch.mm for each (m, k, n) shape (a square one and the workload's own output-layer product)."""
+    torch.set_num_threads(threads)
+    out: dict = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)  # warm-up (allocation, thread pool)
+        reps = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        out[f"{m}x{k}x{n}"] = best
+    return {"gflops_by_shape": out, "peak_gflops": max(out.values()), "threads": threads, "load_avg": load()}
+
+
+def flops_report(cfg: RecipeConfig, vocab_size: int, target_tokens: int, seconds: dict[str, float], peak: dict) -> dict:
+    """Analytic FLOPs of the round (valid target tokens x per-token training FLOPs, pflm.model.flops), the
+    achieved GFLOP/s of each timed run and its share of the measured matmul peak."""
+    per_token = training_flops_per_token(cfg.model, vocab_size)
+    total = per_token * target_tokens
+    rates = {k: total / v / 1e9 for k, v in seconds.items()}
+    return {"flops_per_token": per_token,
+            "flops_per_token_by_layer": {x.name: x.total for x in lstm_layer_flops(cfg.model, vocab_size)},
+            "target_tokens": target_tokens, "round_flops": total, "gflops": rates, "peak": peak,
+            "percent_of_peak": {k: 100.0 * r / peak["peak_gflops"] for k, r in rates.items()},
+            "counted": "matrix products only (2 FLOPs per multiply-add); elementwise work, padding and the "
+                       "optimizer are not counted"}
 
 
 def timed_round(sim: Simulator, round_idx: int) -> float:
@@ -276,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     ap.add_argument("--fast", default="", help="extra k=v overrides of the fast recipe (space separated)")
     ap.add_argument("--repeats", type=int, help="timed repeats of each compared run (default: the preset's)")
+    ap.add_argument("--variant-cohorts", help="comma list of cohort sizes for the variants section (default: the preset's)")
+    ap.add_argument("--variants", default="peu_lora_nce,dpsgd,dpsgd_opacus_lstm", help="variants section: which ones")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
+    if args.variant_cohorts:
+        p["variant_cohorts"] = [int(c) for c in args.variant_cohorts.split(",")]
     if args.repeats:
         p["repeats"] = p["scaling_repeats"] = p["eval_repeats"] = args.repeats
     sections = [s for s in args.sections.split(",") if s]
@@ -311,6 +358,20 @@ def main(argv: list[str] | None = None) -> int:
         doc["round_over_floor"] = res["round_over_floor"]
         doc["floor_load_avg"] = res["load_avg"]
         floor_secs[p["cohort"]] = res["floor_seconds"]
+        per_batch = max(1, res["target_tokens"] // max(res["steps"], 1))  # the output layer's rows per step
+        peak = matmul_peak(args.threads, [(2048, 2048, 2048), (per_batch, base_sim.cfg.model.output_dim,
+                                                                base_sim.vocab_size)])
+        doc["flops"] = flops_report(base_sim.cfg, base_sim.vocab_size, res["target_tokens"],
+                                    {"floor": res["floor_seconds"], "round": res["round_seconds"]}, peak)
+    if "flower" in sections:  # a plain Flower FedAvg app on the same per-device batches (scripts/flower_baseline.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import flower_baseline
+
+        _, per_device = device_batch_lists(base_sim, args.round)
+        doc["flower_baseline"] = flower_baseline.bench_section(
+            base_sim.cfg, base_sim.vocab_size, base_sim.server.model.state_dict(), per_device, 1 + p["repeats"],
+            doc.get("floor", {}).get("floor_seconds"), doc.get("round", {}).get("round_seconds"), load)
+        torch.set_num_threads(args.threads)
     if "scaling" in sections:
         doc["scaling"] = {}
         for c in p["scaling"]:
@@ -328,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["parallel"] = parallel_gain(mk, args.round, p["repeats"], args.threads, sorted({1, args.threads}))
     if "variants" in sections:
         doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
-                           for v in ("peu_lora_nce", "dpsgd")}
+                           for v in args.variants.split(",")}
     if "eval" in sections:
         doc["eval"] = eval_speed(base_sim, p["eval_repeats"])
     if "ttp" in sections:

@@ -21,13 +21,16 @@ import time
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
-CONFIGS = {  # name -> (dpsgd mode or None, PEU on, fused LSTM when no DP)
-    "nodp_peu_lora": (None, True),
-    "ghost_peu_lora": ("ghost", True),
-    "hooks_peu_lora": ("hooks", True),
-    "nodp_full_lora": (None, False),
-    "ghost_full_lora": ("ghost", False),
-    "hooks_full_lora": ("hooks", False),
+CONFIGS = {  # name -> (dpsgd mode or None, PEU on, LSTM: "fused" (pflm.model.fused_dplstm) or Opacus' "opacus" DPLSTM)
+    "nodp_peu_lora": (None, True, "fused"),
+    "ghost_peu_lora": ("ghost", True, "fused"),
+    "ghost_opacus_peu_lora": ("ghost", True, "opacus"),
+    "hooks_peu_lora": ("hooks", True, "fused"),
+    "hooks_opacus_peu_lora": ("hooks", True, "opacus"),
+    "nodp_full_lora": (None, False, "fused"),
+    "ghost_full_lora": ("ghost", False, "fused"),
+    "ghost_opacus_full_lora": ("ghost", False, "opacus"),
+    "hooks_full_lora": ("hooks", False, "fused"),
 }
 
 
@@ -49,13 +52,15 @@ def run_child(args: argparse.Namespace) -> dict:
     from pflm.device.trainer import DeviceTrainer
     from pflm.secure_random import new_key
 
-    mode, peu = CONFIGS[args.child]
+    mode, peu, lstm = CONFIGS[args.child]
+    emb, hid = (int(v) for v in args.dims.split("/"))
     over = [
-        "model.embedding_dim=256", "model.hidden_dim=512", f"model.lora.rank={args.lora_rank}",
+        f"model.embedding_dim={emb}", f"model.hidden_dim={hid}", f"model.lora.rank={args.lora_rank}",
+        f"dpsgd.fused_lstm={'true' if lstm == 'fused' else 'false'}",
         "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
         f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
-        f"dpsgd.grad_sample_mode={mode or 'hooks'}", "dpsgd.noise_multiplier=1.0", "dpsgd.max_grad_norm=1.0",
-        f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", "data.max_tokens=30",
+        f"dpsgd.grad_sample_mode={mode or 'hooks'}", f"dpsgd.noise_multiplier={args.sigma}", "dpsgd.max_grad_norm=1.0",
+        f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", f"data.max_tokens={args.seq}",
     ]
     cfg = load_recipe(None, over)
     rng = np.random.default_rng(0)
@@ -87,7 +92,7 @@ def run_child(args: argparse.Namespace) -> dict:
         setups.append(float(res.metrics.get("device_dp_setup_seconds", 0.0)))
     trainable = sum(p.numel() for p in trainer.trainable)
     return {
-        "config": args.child, "mode": mode or "none", "peu_k": args.k if peu else args.vocab, "vocab": args.vocab,
+        "config": args.child, "mode": mode or "none", "lstm": lstm if mode else "nn.LSTM", "peu_k": args.k if peu else args.vocab, "vocab": args.vocab,
         "median_step_s": statistics.median(step_times), "min_step_s": min(step_times),
         "max_step_s": max(step_times), "mean_steps_per_device": statistics.mean(steps),
         "median_device_setup_s": statistics.median(setups), "trainer_build_s": build_s,
@@ -100,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=50_000)
     ap.add_argument("--k", type=int, default=2000, help="PEU rows per round")
-    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-rank", type=int, default=8, help="0 = no LoRA (every weight trained)")
+    ap.add_argument("--dims", default="256/512", help="embedding/hidden size")
+    ap.add_argument("--sigma", type=float, default=1.0, help="device noise multiplier (0: no CSPRNG noise draws, "
+                    "i.e. the cost of per-sample clipping alone)")
+    ap.add_argument("--passes", type=int, default=1, help="run the config list this many times, interleaved; "
+                    "medians over passes")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sentences", type=int, default=64, help="sentences per device (q = batch / sentences)")
     ap.add_argument("--seq", type=int, default=20, help="max sentence length")
@@ -117,25 +127,46 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **MALLOC_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = {}
-    for name in args.configs.split(","):
+    names = args.configs.split(",")
+    for name in names:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-        cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), *base, "--child", name]
-        try:
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            results[name] = {"error": f"timeout after {args.timeout:.0f}s"}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    load_start = os.getloadavg()
+    for _ in range(args.passes):  # config A, B, C, A, B, C, ...: load drift hits every config alike
+        for name in names:
+            cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), *base, "--child", name]
+            try:
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                runs[name].append({"error": f"timeout after {args.timeout:.0f}s"})
+                continue
+            if out.returncode != 0:
+                tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+                runs[name].append({"error": f"exit {out.returncode}: {tail[0][:300]}"})
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(r)
+            print(f"[bench_dpsgd] {name}: {r['median_step_s']:.4f} s/step, {r['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+    results = {}
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results[name] = rs[-1]
             continue
-        if out.returncode != 0:
-            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
-            results[name] = {"error": f"exit {out.returncode}: {tail[0][:300]}"}
-            continue
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"[bench_dpsgd] {name}: {results[name]['median_step_s']:.3f} s/step, "
-              f"{results[name]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        results[name] = {**ok[-1], "median_step_s": statistics.median(r["median_step_s"] for r in ok),
+                         "passes_step_s": [r["median_step_s"] for r in ok],
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
+    ratios = {}
+    for name, r in results.items():  # DP step / non-DP step of the same vocabulary setting
+        base_name = "nodp_" + name.split("_", 1)[1].replace("opacus_", "")
+        if r.get("mode") not in (None, "none") and "median_step_s" in r and "median_step_s" in results.get(base_name, {}):
+            ratios[f"{name}/{base_name}"] = r["median_step_s"] / results[base_name]["median_step_s"]
     load = os.getloadavg()
-    print(json.dumps({"results": results, "loadavg": load, "malloc_env": MALLOC_ENV}, indent=1))
+    print(json.dumps({"results": results, "dp_over_nodp_step": ratios, "loadavg_start": load_start,
+                      "loadavg_end": load, "command": " ".join(["scripts/bench_dpsgd.py", *base]),
+                      "malloc_env": MALLOC_ENV}, indent=1))
     return 0
 
 

@@ -185,6 +185,43 @@ def test_redone_round_with_a_different_release_is_charged_twice(synthetic_data, 
     assert resumed["epsilon"] == pytest.approx(compute_epsilon(8 / 96, 1.0, 6, 1e-6), rel=1e-9)
 
 
+def test_a_redo_with_a_different_aggregate_gets_fresh_noise(synthetic_data, tmp_path, monkeypatch):
+    """Attack: a resumed round whose aggregate differs (on real devices their local randomness differs) but whose
+    noise were the same would give release₁ − release₂ = sum₁ − sum₂ exactly. The redo must draw fresh noise (and be
+    charged twice); an identical redo keeps the same noise (see the test above)."""
+    from pflm.privacy.noise import GaussianNoisePostprocessor
+
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (round, exact sum, released sum)
+    real = GaussianNoisePostprocessor.on_server
+
+    def spy(self, agg, ctx):
+        out, m = real(self, agg, ctx)
+        seen.append((ctx.round, agg.total.clone().double(), out.total.clone().double()))
+        return out, m
+
+    monkeypatch.setattr(GaussianNoisePostprocessor, "on_server", spy)
+    crashed = _sim(synthetic_data, tmp_path, **RESUME)
+    _crash_at(crashed, monkeypatch, 3)  # round 2 released, checkpoint after round 1
+    resumed = _sim(synthetic_data, tmp_path, **RESUME)
+    finalize = resumed.aggregator.finalize
+
+    def changed():  # the redo of round 2: one device's update differs a little
+        res = finalize()
+        if not any(r == 2 for r, _, _ in seen[3:]):
+            res.total[:5] += 0.01
+        return res
+
+    resumed.aggregator.finalize = changed
+    summary = resumed.run(progress=False)
+    (r1, exact1, rel1), (r2, exact2, rel2) = [x for x in seen if x[0] == 2]
+    assert not torch.equal(exact1, exact2)
+    leak = (rel1 - rel2) - (exact1 - exact2)  # zero if the noise were reused
+    assert float(leak.norm()) > 0.5 * float((rel1 - exact1).norm())
+    rows = {m["round"]: m for m in _metrics(tmp_path / "tiny_synthetic")}
+    assert rows[2]["releases_of_round"] == 2
+    assert summary["epsilon"] == pytest.approx(compute_epsilon(8 / 96, 1.0, 6, 1e-6), rel=1e-9)
+
+
 # ---- 8. honest reporting ---------------------------------------------------------------------------------------
 def test_cli_states_the_guarantee_and_the_simulated_users_epsilon(synthetic_data, tmp_path, capsys):
     from pflm.cli import main

@@ -26,7 +26,7 @@ from pflm.data.tokenizer import (
 from pflm.errors import ConfigError, DataError
 from pflm.io_utils import atomic_directory, atomic_write_json
 
-CORPORA = ("chitchat", "synthetic")
+CORPORA = ("chitchat", "synthetic", "chatterbot")  # chatterbot: public BSD-3 dialogues (pflm/data/corpora/public_text.py)
 VOCAB_SOURCES = ("exact", "dp")  # exact: counted on the tokenizer's text (users or --tokenizer-input); dp: DP release
 _ENCODE_BATCH = 20_000
 
@@ -110,6 +110,11 @@ def _raw_rows(cfg: PrepareConfig) -> tuple[list[Any] | None, list[Any], dict[str
                                                            cfg.partition.seed))
         source = {"corpus": "synthetic", "num_users": cfg.synthetic_users,
                   "sentences_per_user": list(cfg.synthetic_sentences), "seed": cfg.partition.seed}
+    elif cfg.corpus == "chatterbot":
+        from pflm.data.corpora import public_text
+
+        ds = datasets.Dataset.from_dict(public_text.load(cfg.max_users))
+        source = {"corpus": "chatterbot", "package": "chatterbot-corpus", "license": public_text.LICENSE}
     else:
         assert cfg.input is not None
         ds = load_table(cfg.input, cfg.text_column, cfg.user_column, cfg.hub_split)
@@ -273,6 +278,10 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         defaults.update(chitchat.DEFAULTS)
     elif args.corpus == "synthetic":
         defaults.update({"vocab_size": 300, "min_sentences": 1})
+    elif args.corpus == "chatterbot":
+        from pflm.data.corpora import public_text
+
+        defaults.update(public_text.DEFAULTS)
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     synthetic = args.corpus == "synthetic"
     scheme = args.partition or ("natural" if (args.user_column or args.corpus) else "iid")

@@ -48,11 +48,11 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.nn import functional as F
 
 from pflm.device.batching import check_device_key
+from pflm.device.ghost import ghost_clipped_backward
 from pflm.epsilon import epsilon_from_history
 from pflm.errors import ConfigError
 from pflm.model.losses import masked_sequence_mean, token_losses
@@ -334,7 +334,8 @@ class DeviceDPSGD:
             for p in self.params:  # a norm left from an earlier step must never be reused
                 p.__dict__.pop("_norm_sample", None)
             try:
-                DPTensorFastGradientClipping(self.gsm, self.optimizer, per_seq, "mean").backward()
+                head = (self.net.head.weight, self.net.head.bias)  # the output layer: no wasted [V, H] product
+                ghost_clipped_backward(self.gsm, self.optimizer, per_seq, skip=[p for p in head if p is not None])
             except AttributeError as e:
                 raise RuntimeError("ghost clipping found a trainable parameter without a per-sample norm (used "
                                    "outside an Opacus-visible module); use grad_sample_mode=hooks") from e

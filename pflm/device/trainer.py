@@ -65,7 +65,8 @@ class DeviceTrainer:
         tune_allocator()
         self.local_vocab_size = spec.local_vocab_size
         dp = spec.dpsgd.enabled
-        self.model = build_model(spec.model, self.local_vocab_size, dp_compatible=dp)
+        fused = dp and spec.dpsgd.fused_lstm and spec.dpsgd.grad_sample_mode in ("ghost", "hooks")  # fused_dplstm
+        self.model = build_model(spec.model, self.local_vocab_size, dp_compatible=dp, fused_dp_lstm=fused)
         names = trainable_names(self.model, spec.model.lora.rank, spec.training.train_embeddings)
         params = dict(self.model.named_parameters())
         for n, p in params.items():

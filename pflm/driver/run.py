@@ -90,7 +90,7 @@ class RunDriver:
         )
         self.aggregator = make_aggregator(cfg, self.run_key)
         self.aggregator.concurrent_uploads = self.workers
-        if self.server.privacy.distributed is not None:  # devices encode and add noise shares (distributed DP)
+        if getattr(self.server.privacy, "distributed", None) is not None:  # devices add noise shares (distributed DP)
             self.aggregator.codec_factory = self.server.privacy.distributed.codec_factory
         self.secagg_parameters = secagg_parameters(cfg, self.aggregator)
         self.val_set = load_eval_set(self.fd, "val", cfg.data.val_users)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -30,23 +31,68 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _load_scorer(run_dir: str) -> Any:
+def _load_scorer(run_dir: str, **kwargs: Any) -> Any:
     try:
         from pflm.evaluation.lm_scorer import load_scorer
     except ModuleNotFoundError as e:
         if e.name == "pflm.evaluation.lm_scorer":
             raise PflmError("pflm.evaluation.lm_scorer is not available in this install; update pflm") from None
         raise
-    return load_scorer(run_dir)
+    return load_scorer(run_dir, **kwargs)
 
 
-def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: Any, out_dir: Path) -> Any:
-    """Rescore with run_dir's LM (alpha/beta tuned on dev only) and write out_dir/{summary.json,
-    test_utterances.jsonl,dev_grid.tsv} atomically; returns the RescoreReport."""
-    from pflm.evaluation.rescore import rescore_files
+@dataclass
+class RescoreOptions:
+    """What `pflm rescore` compares beyond the run's own LM (defaults: nothing else; see docs/rescoring.md)."""
 
-    report = rescore_files(dev, test_path, _load_scorer(str(run_dir)), config)
-    tuned, test = report.tuned, report.test
+    extra_test: dict[str, str] = field(default_factory=dict)
+    compare: list[str] = field(default_factory=list)
+    ngram_data: str | None = None
+    ngram_order: int = 3
+    interpolate: bool = False
+    oov_scoring: str = "public"
+    rare_zipf: float = 3.0
+    bootstrap: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class RescoreResult:
+    tuned: Any  # TuneResult of the run's LM
+    test: Any  # EvalResult on --test
+    comparison: Any  # pflm.evaluation.compare.Comparison
+
+
+def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: Any, out_dir: Path,
+                options: RescoreOptions | None = None) -> RescoreResult:
+    """Rescore with run_dir's LM (and the systems `options` add), every weight tuned on dev only; write
+    out_dir/{summary.json,test_utterances.jsonl,dev_grid.tsv,comparison.png} atomically."""
+    from pflm.evaluation.compare import compare
+    from pflm.evaluation.compare_report import to_json, write_plot
+    from pflm.evaluation.nbest import read_nbest
+    from pflm.evaluation.rescore import evaluate
+    from pflm.evaluation.rescore_systems import ngram_source, run_source
+    from pflm.evaluation.tail_words import rare_predicate
+
+    opt = options or RescoreOptions()
+    if opt.interpolate and not opt.ngram_data:
+        raise ConfigError("--interpolate mixes the run's LM with the n-gram baseline; also pass --ngram-data DIR")
+    sources = [run_source(str(run_dir), _load_scorer, opt.oov_scoring)]
+    sources += [run_source(d, _load_scorer, opt.oov_scoring) for d in opt.compare]
+    vocab = getattr(sources[0].scorer, "vocab", None)
+    if opt.ngram_data:
+        print("NOTE: the n-gram baseline is trained on the train users' text WITHOUT noise: its rows (and the "
+              "interpolation) are NON-PRIVATE comparisons, not covered by any epsilon; do not publish them as private")
+        sources.append(ngram_source(opt.ngram_data, opt.ngram_order, vocab, opt.oov_scoring))
+    interpolate = (sources[0].name, sources[-1].name) if opt.interpolate else None
+    pairs = [(s.name, sources[0].name) for s in sources[1:]]
+    dev_utts = read_nbest(dev)  # tuning sees only these; the test sets are scored with the fixed values
+    tests = {"test": read_nbest(test_path), **{k: read_nbest(v) for k, v in opt.extra_test.items()}}
+    cmp = compare(dev_utts, tests, sources, rare_predicate(opt.rare_zipf), config, interpolate=interpolate,
+                  pairs=pairs, vocab=vocab, resamples=opt.bootstrap, seed=opt.seed)
+    assert cmp.main_tuned is not None
+    tuned = cmp.main_tuned
+    test = evaluate(cmp.main_scored["test"], tuned.alpha, tuned.beta)
     summary = {
         "checkpoint": str(run_dir),
         "dev": str(dev),
@@ -65,6 +111,9 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
         "rescored_wer": test.rescored_wer,
         "oracle_wer": test.oracle_wer,
         "relative_reduction": test.relative_reduction,
+        "oov_scoring": opt.oov_scoring,
+        "extra_test": opt.extra_test,
+        "comparison": to_json(cmp, opt.rare_zipf, opt.bootstrap),
     }
     with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -75,12 +124,14 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
             "alpha\tbeta\tdev_wer\n" + "".join(f"{a:.8g}\t{b:.8g}\t{w:.6f}\n" for a, b, w in tuned.grid),
             encoding="utf-8",
         )
-
-    return report
+        write_plot(cmp, tmp / "comparison.png")
+    return RescoreResult(tuned, test, cmp)
 
 
 def run_rescore(args: argparse.Namespace) -> int:
+    from pflm.evaluation.compare_report import format_lines
     from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, RescoreConfig
+    from pflm.evaluation.rescore_systems import parse_named_paths
 
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
@@ -90,10 +141,17 @@ def run_rescore(args: argparse.Namespace) -> int:
         beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
         batch_size=args.batch_size,
     )
+    options = RescoreOptions(
+        extra_test=parse_named_paths(args.extra_test, "--extra-test"), compare=list(args.compare or []),
+        ngram_data=args.ngram_data, ngram_order=args.ngram_order, interpolate=args.interpolate,
+        oov_scoring=args.oov_scoring, rare_zipf=args.rare_zipf, bootstrap=args.bootstrap, seed=args.seed,
+    )
     out_dir = Path(args.out) if args.out else run_dir / "rescore"
-    report = rescore_run(run_dir, args.dev, args.test, config, out_dir)
-    tuned, test = report.tuned, report.test
-
+    result = rescore_run(run_dir, args.dev, args.test, config, out_dir, options)
+    tuned, test = result.tuned, result.test
+    for line in format_lines(result.comparison, options.rare_zipf):
+        print(line)
+    print(f"plot: {out_dir / 'comparison.png'}")
     print(f"tuned on dev over {len(tuned.grid)} (alpha, beta) points: alpha={tuned.alpha:.6g} beta={tuned.beta:.6g}")
     print(f"{'set':<5} {'utts':>6} {'words':>7} {'first_pass':>11} {'rescored':>9} {'oracle':>7}")
     print(
@@ -216,6 +274,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--beta-grid", help="word bonuses: start:stop:step or a,b,c; write --beta-grid=-5:5:0.5 for a negative start "
         "(default: alpha * (-5..5 step 0.5))")
     p.add_argument("--batch-size", type=int, default=256, help="sentences per LM scoring batch")
+    p.add_argument("--extra-test", action="append", metavar="NAME=PATH",
+                   help="another test N-best set scored with the dev-tuned values (e.g. another voice); repeatable")
+    p.add_argument("--compare", action="append", metavar="RUN_DIR",
+                   help="another `pflm train` run to tune and test the same way (e.g. the non-private LM); repeatable")
+    p.add_argument("--ngram-data", metavar="DATA_DIR",
+                   help="train the NON-PRIVATE Kneser-Ney baseline on this `pflm prepare` store's train split")
+    p.add_argument("--ngram-order", type=int, default=3, help="n-gram baseline order (default: 3)")
+    p.add_argument("--interpolate", action="store_true",
+                   help="also tune a log-linear mix of the run's LM and the n-gram baseline (NON-PRIVATE)")
+    p.add_argument("--oov-scoring", choices=("public", "unk"), default="public",
+                   help="OOV words: <unk> + public wordfreq/character prior (default) or <unk> alone")
+    p.add_argument("--rare-zipf", type=float, default=3.0,
+                   help="a word is rare below this public wordfreq Zipf frequency (default 3.0 = 1 per million)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap / permutation resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutation draws (public)")
     p.set_defaults(func=run_rescore)
 
     q = subparsers.add_parser("nbest", help="synthesize sentences (flite), decode (pocketsphinx), write N-best JSONL")

@@ -131,8 +131,12 @@ def register_opacus_grad_samplers() -> None:
     _OPACUS_REGISTERED = True
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, dp_compatible: bool = False) -> LanguageModel:
+def build_model(cfg: ModelConfig, vocab_size: int, dp_compatible: bool = False,
+                fused_dp_lstm: bool = False) -> LanguageModel:
     """Build an LSTM or Transformer LM; with dp_compatible=True only Opacus-supported layers are used.
+
+    fused_dp_lstm (with dp_compatible, LSTM only): run the DPLSTM's parameters through the fused kernel and
+    whole-sequence Linears (pflm.model.fused_dplstm: same per-sample gradients, several times faster).
 
     If cfg.lora.rank > 0, LoRA adapters are applied (base weights frozen; see pflm.model.lora.apply_lora).
     """
@@ -142,7 +146,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, dp_compatible: bool = False) 
     model: LanguageModel
     if cfg.arch == "lstm":
         from pflm.model.lstm import LSTMLanguageModel
-        model = LSTMLanguageModel(cfg, vocab_size, dp_compatible=dp_compatible)
+        model = LSTMLanguageModel(cfg, vocab_size, dp_compatible=dp_compatible,
+                                  fused_dp_lstm=fused_dp_lstm and dp_compatible)
     else:
         from pflm.model.transformer import TransformerLanguageModel
         model = TransformerLanguageModel(cfg, vocab_size, dp_compatible=dp_compatible)

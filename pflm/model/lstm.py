@@ -25,7 +25,8 @@ class LSTMLanguageModel(LanguageModel):
     forward pass runs the fused kernel with W + scale * B @ A via functional_call (base names unchanged).
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, dp_compatible: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, dp_compatible: bool = False,
+                 fused_dp_lstm: bool = False) -> None:
         super().__init__(cfg, vocab_size, dp_compatible)
         rnn_dropout = cfg.dropout if cfg.num_layers > 1 else 0.0
         self.rnn: nn.Module
@@ -33,6 +34,9 @@ class LSTMLanguageModel(LanguageModel):
             from opacus.layers import DPLSTM
             self.rnn = DPLSTM(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers,
                               batch_first=True, dropout=rnn_dropout)
+            if fused_dp_lstm:  # same DPLSTM parameters, run fused (pflm.model.fused_dplstm)
+                from pflm.model.fused_dplstm import make_fused
+                make_fused(self.rnn)
         else:
             self.rnn = nn.LSTM(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers,
                                batch_first=True, dropout=rnn_dropout)
@@ -81,6 +85,9 @@ class LSTMLanguageModel(LanguageModel):
         return found
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.rnn, "pflm_fused", False):
+            from pflm.model.fused_dplstm import fused_dplstm_forward
+            return fused_dplstm_forward(self.rnn, x)  # type: ignore[arg-type]
         adapters = self.fused_lora_adapters()
         if adapters:
             weights = {name: getattr(self.rnn, name) + adapter.delta_weight()  # type: ignore[operator]

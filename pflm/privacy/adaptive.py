@@ -113,7 +113,7 @@ class AdaptiveClipping(L2Clip):
         std = self.count_noise_std * m / big_m
         noise = 0.0
         if std > 0:
-            noise = float(self.generator.normal(ctx.round, (1,), std, COUNT_PURPOSE, dtype=torch.float64)[0])
+            noise = float(self.generator.normal(ctx.round, (1,), std, ctx.stream(COUNT_PURPOSE), dtype=torch.float64)[0])
         noisy_count = float(agg.aux.get(AUX_KEY, 0.0)) + noise
         frac = noisy_count / m
         used = float(ctx.clip_bound)

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from pflm.errors import ConfigError
 from pflm.io_utils import atomic_write_bytes, atomic_write_text
 from pflm.privacy.accountant import ACCOUNTANTS, SAMPLINGS, PrivacyBudget, calibrate_noise, compute_epsilon
+from pflm.privacy.dpftrl import cli as dpftrl_cli
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +38,13 @@ def _population_args(p: argparse.ArgumentParser, with_rate: bool) -> None:
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="Opacus rdp|prv, or pld (dp-accounting)")
     p.add_argument("--sampling", choices=SAMPLINGS, default="poisson", help="how cohorts are drawn (default poisson)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of key: value lines")
+    dpftrl_cli.add_args(p)
 
 
 def _solve(args: argparse.Namespace, sigma: float | None = None, epsilon: float | None = None) -> dict[str, Any]:
     """ε for σ, or σ for a target ε, from --cohort/--population (a PrivacyBudget) or --sampling-rate."""
+    if args.mechanism == "dpftrl":
+        return dpftrl_cli.solve(args, sigma, epsilon)
     rate = getattr(args, "sampling_rate", None)
     if rate is None:
         if args.cohort is None or args.population is None:
@@ -112,7 +116,7 @@ def _distributed(args: argparse.Namespace, cohort: int, rounds: int, bits: int) 
 def run_calibrate(args: argparse.Namespace) -> int:
     if not args.epsilon > 0:
         raise ConfigError(f"--epsilon {args.epsilon:g} is invalid: use a target ε > 0")
-    if args.mechanism != "gaussian":
+    if args.mechanism.startswith("distributed_"):
         from pflm.privacy.distributed.report import describe
 
         row = _distributed(args, args.cohort, args.rounds, args.bits)
@@ -156,10 +160,13 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dim {args.dim} is invalid: give the length of the release vector (≥ 1)")
     rows: list[dict[str, Any]] = []
     curves: list[tuple[str, float, float]] = []
-    if args.mechanism != "gaussian":
+    if args.mechanism.startswith("distributed_"):
         return _plan_distributed(args)
     for cohort in args.cohorts:
         for rounds in sorted(args.rounds):
+            if args.mechanism == "dpftrl":
+                rows.append(dpftrl_cli.plan_row(args, cohort, rounds))
+                continue
             b = PrivacyBudget(population=args.population, cohort=cohort, rounds=rounds, delta=args.delta,
                               epsilon=args.epsilon, accountant=args.accountant, sampling=args.sampling)
             sigma = float(b.noise_multiplier or 0.0)
@@ -171,6 +178,8 @@ def run_plan(args: argparse.Namespace) -> int:
                 # signal: the mean of clipped updates has norm ≤ C (= C when all updates agree and are clipped)
                 "snr_upper_bound": args.clip_bound / noise_norm if noise_norm > 0 else math.inf,
             })
+        if args.mechanism == "dpftrl":
+            continue
         curves.append((f"cohort {cohort} (q={cohort / args.population:g}), σ={rows[-1]['noise_multiplier']:.3f}",
                        cohort / args.population, rows[-1]["noise_multiplier"]))
     out = Path(args.out)
@@ -180,6 +189,8 @@ def run_plan(args: argparse.Namespace) -> int:
     writer.writerows(rows)
     atomic_write_text(out / "plan.csv", buf.getvalue())
     _plot(out / "plan.png", curves, max(args.rounds), args.delta, args.epsilon, args.accountant)
+    if args.mechanism == "dpftrl":
+        return _report_dpftrl_plan(rows, out, args)
     statement = (
         f"Poisson sampling with q=cohort/population per row (what the {args.accountant} accountant analyses)"
         if args.sampling == "poisson"
@@ -199,6 +210,31 @@ def run_plan(args: argparse.Namespace) -> int:
           "SNR<= = C/|noise| (mean clipped update ≤ C)")
     print(f"sampling: {statement}")
     print(f"wrote {out / 'plan.csv'} and {out / 'plan.png'}")
+    return 0
+
+
+def _report_dpftrl_plan(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> int:
+    """The DP-FTRL plan: plan.csv (no ε-vs-rounds plot: ε is one release for the whole run)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "plan.csv", buf.getvalue())
+    statement = (f"DP-FTRL {args.kind}: no sampling amplification; each user in ≤ k rounds ≥ b apart "
+                 "(b = --min-separation or population // cohort)")
+    if args.json:
+        print(json.dumps({"rows": rows, "sampling_statement": statement, "csv": str(out / "plan.csv")}))
+        return 0
+    print(f"target ε={args.epsilon:g} δ={args.delta:g} population={args.population} C={args.clip_bound:g} "
+          f"d={args.dim} accountant={args.accountant} mechanism=dpftrl/{args.kind}")
+    print(f"{'cohort':>8} {'rounds':>7} {'b':>6} {'k':>4} {'sens':>8} {'sigma':>8} {'std(avg)':>10} {'std(sum)':>10}")
+    for r in rows:
+        print(f"{r['cohort']:>8} {r['rounds']:>7} {r['min_separation']:>6} {r['max_participations']:>4} "
+              f"{r['sensitivity']:>8.4f} {r['noise_multiplier']:>8.4f} {r['noise_std_mean']:>10.3e} "
+              f"{r['prefix_noise_std_mean']:>10.3e}")
+    print("std(avg) = σ·C/cohort on z; std(sum) = noise std per coordinate of the worst prefix sum of averages")
+    print(f"sampling: {statement}")
+    print(f"wrote {out / 'plan.csv'}")
     return 0
 
 
@@ -228,16 +264,19 @@ def _plan_distributed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mechanism_args(p: argparse.ArgumentParser, plan: bool) -> None:
-    p.add_argument("--mechanism", choices=("gaussian", "distributed_skellam", "distributed_dgauss"),
-                   default="gaussian", help="central Gaussian (default) or distributed discrete noise")
+def _distributed_args(p: argparse.ArgumentParser, plan: bool) -> None:
+    """Distributed-DP options; extends the --mechanism choices (defined with the DP-FTRL options)."""
+    for a in p._actions:
+        if a.dest == "mechanism" and a.choices is not None:
+            a.choices = (*a.choices, "distributed_skellam", "distributed_dgauss")
+    g = p.add_argument_group("distributed DP (--mechanism distributed_skellam|distributed_dgauss)")
     if plan:
-        p.add_argument("--bits", type=int, nargs="+", default=[16, 18, 20], help="bits per coordinate (distributed)")
+        g.add_argument("--bits", type=int, nargs="+", default=[16, 18, 20], help="bits per coordinate")
     else:
-        p.add_argument("--bits", type=int, default=18, help="bits per coordinate (distributed)")
-        p.add_argument("--dim", type=int, help="length d of the release vector (distributed)")
-        p.add_argument("--clip-bound", type=float, default=1.0, help="L2 clip bound C (distributed)")
-    p.add_argument("--dropout-tolerance", type=float, default=0.05, help="fraction of devices that may drop (distributed)")
+        g.add_argument("--bits", type=int, default=18, help="bits per coordinate")
+        g.add_argument("--dim", type=int, help="length d of the release vector")
+        g.add_argument("--clip-bound", type=float, default=1.0, help="L2 clip bound C")
+    g.add_argument("--dropout-tolerance", type=float, default=0.05, help="fraction of devices that may drop")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -262,7 +301,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="smallest σ giving ε ≤ target (prints 'noise_multiplier: <value>')")
     c.add_argument("--epsilon", type=float, required=True, help="target ε")
     _population_args(c, with_rate=True)
-    _mechanism_args(c, plan=False)
+    _distributed_args(c, plan=False)
     c.set_defaults(func=quiet(run_calibrate))
 
     pl = sub.add_parser("plan", help="grid of cohorts × rounds for a target ε: σ, noise on the average, SNR")
@@ -277,7 +316,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
     pl.add_argument("--out", default="privacy_plan", help="directory for plan.csv and plan.png")
     pl.add_argument("--json", action="store_true")
-    _mechanism_args(pl, plan=True)
+    dpftrl_cli.add_args(pl)
+    _distributed_args(pl, plan=True)
     pl.set_defaults(func=quiet(run_plan))
     for parser in (e, c, pl):
         _one_line_errors(parser)

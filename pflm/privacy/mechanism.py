@@ -257,3 +257,13 @@ class DPMechanism:
             self.distributed.load_state_dict(state.get("distributed", {}))
         for pp, st in zip(self.postprocessors, state["postprocessors"]):
             pp.load_state_dict(st)
+
+
+def build_mechanism(cfg: RecipeConfig, train_users: int, run_key: bytes, data_privacy: dict | None = None,
+                    release_dim: int | None = None):
+    """The run's mechanism object for `privacy.mechanism` (gaussian: `DPMechanism`; dpftrl: `DPFTRLMechanism`)."""
+    if cfg.privacy.mechanism == "dpftrl":
+        from pflm.privacy.dpftrl.mechanism import DPFTRLMechanism  # imports this module: import on use
+
+        return DPFTRLMechanism(cfg, train_users, run_key, data_privacy)
+    return DPMechanism(cfg, train_users, run_key, data_privacy, release_dim)

@@ -52,7 +52,7 @@ class GaussianNoisePostprocessor(Postprocessor):
         if math.isinf(ctx.clip_bound):
             raise ConfigError("Gaussian noise needs a finite clip bound: set clip_bound or noise_multiplier=0")
         std = self.noise_std_on_sum(ctx)
-        noise = self.generator.normal(ctx.round, agg.total.shape, std, self.purpose, dtype=torch.float64)
+        noise = self.generator.normal(ctx.round, agg.total.shape, std, ctx.stream(self.purpose), dtype=torch.float64)
         total = (agg.total.to(torch.float64) + noise).to(agg.total.dtype)
         metrics = {
             "noise_std_sum": std,

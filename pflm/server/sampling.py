@@ -19,4 +19,6 @@ def sample_cohort(population: int, cohort_size: int, mode: str, rng: SecureRando
         return rng.choice(round_idx, population, min(cohort_size, population), PURPOSE).tolist()
     if mode == "poisson":
         return rng.bernoulli(round_idx, population, min(1.0, cohort_size / population), PURPOSE).tolist()
-    raise ConfigError(f"unknown sampling mode {mode!r}: use poisson or fixed")
+    if mode == "available":  # stateful (participation limits): the server keeps a ParticipationScheduler
+        raise ConfigError("sampling 'available' needs pflm.server.participation.ParticipationScheduler")
+    raise ConfigError(f"unknown sampling mode {mode!r}: use poisson, fixed or available")

@@ -7,6 +7,8 @@ the privacy accountant. The in-process simulator and the Flower ServerApp both d
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -17,12 +19,13 @@ from pflm.model.factory import build_model
 from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
 from pflm.round import AggregateResult, RoundContext, RoundPlan
-from pflm.privacy.mechanism import DPMechanism
+from pflm.privacy.mechanism import build_mechanism
 from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
 from pflm.server.peu import RowSelector
 from pflm.secure_random import SecureRandom, subkey
 from pflm.server.ledger import ReleaseLedger, release_digest
+from pflm.server.participation import ParticipationScheduler
 from pflm.server.sampling import sample_cohort
 
 
@@ -55,11 +58,20 @@ class FederatedServer:
         if cfg.server.zero_output_weight:
             with torch.no_grad():
                 self.model.output_weight().zero_()
+        if cfg.server.init_from:  # public pretrained weights only (refused without public provenance)
+            from pflm.model.pretrained import load_pretrained, manifest_tokenizer_sha256
+
+            load_pretrained(self.model, cfg.server.init_from, manifest_tokenizer_sha256(cfg.data.dir))
         self.selector = RowSelector(cfg.peu, vocab_size, prior_counts, cfg.seed)
         self.optimizer = ServerOptimizer(cfg.server)
-        self.privacy = DPMechanism(cfg, population, run_key, data_privacy, release_dim=self.release_dim())
+        self.privacy = build_mechanism(cfg, population, run_key, data_privacy, release_dim=self.release_dim())
         self.cohort_rng = SecureRandom(subkey(run_key, "cohort-sampling"))
+        s = cfg.server
+        self.participation = None if s.sampling != "available" else ParticipationScheduler(
+            population, s.cohort_size, s.availability, s.min_separation, s.max_participations, self.cohort_rng)
+        self.participation_stats: dict[int, dict[str, int]] = {}  # per round; not in RELEASED: diagnostics only
         self.ledger = ledger
+        self.ledger_key = subkey(run_key, "ledger-pre-noise-digest")
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
         self.rounds_done = 0
 
@@ -76,7 +88,11 @@ class FederatedServer:
         return 1 + (self.ledger.releases_of(round_idx) if self.ledger is not None else 0)
 
     def plan_round(self, round_idx: int) -> RoundPlan:
-        cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling, self.cohort_rng, round_idx)
+        if self.participation is not None:  # no secret sampling: availability + (k, b) limits
+            cohort, self.participation_stats[round_idx] = self.participation.cohort(round_idx)
+        else:
+            cohort = sample_cohort(self.population, self.cfg.server.cohort_size, self.cfg.server.sampling,
+                                   self.cohort_rng, round_idx)
         rows = self.selector.select(round_idx)
         ctx = RoundContext(
             round=round_idx, dim=self.release_dim(), cohort=cohort, clip_bound=self.privacy.clip_bound_for(round_idx),
@@ -100,12 +116,18 @@ class FederatedServer:
         """Noise → record the release → average → server step → account. Returns round metrics (the exact
         contributor count among them is private under Poisson sampling: the caller keeps it out of metrics)."""
         metrics: dict[str, float] = {"contributors": agg.num_contributors}
+        if self.participation is not None:
+            metrics.update(self.participation_stats.pop(plan.round, {}))
+        ctx, pre = plan.ctx, ""
+        if self.ledger is not None and self.privacy.private:  # a redo with a new aggregate gets fresh noise
+            pre = release_digest(agg, ctx.clip_bound, self.ledger_key)
+            ctx = dataclasses.replace(ctx, release_attempt=self.ledger.attempt(plan.round, pre))
         for pp in self.postprocessors:
-            agg, m = pp.on_server(agg, plan.ctx)
+            agg, m = pp.on_server(agg, ctx)
             metrics.update(m)
         releases = 1
         if self.ledger is not None and self.privacy.private:
-            releases = self.ledger.record(plan.round, release_digest(agg, plan.ctx.clip_bound))
+            releases = self.ledger.record(plan.round, release_digest(agg, ctx.clip_bound), pre, ctx.release_attempt)
             if releases > 1:
                 metrics["releases_of_round"] = releases  # redone after a resume with a different result
         if self.cfg.server.weighting == "uniform":
@@ -116,7 +138,10 @@ class FederatedServer:
         avg = agg.total / denom
         metrics["update_norm"] = float(avg.norm())
         self._apply(avg, plan.rows)
-        metrics.update(self.privacy.account_round(releases, agg.num_contributors, len(plan.cohort)))
+        if getattr(self.privacy, "distributed", None) is not None:  # distributed DP charges the survivors' noise
+            metrics.update(self.privacy.account_round(releases, agg.num_contributors, len(plan.cohort)))
+        else:
+            metrics.update(self.privacy.account_round(releases))
         every = self.cfg.server.lora_merge_every
         if every and self.cfg.model.lora.rank > 0 and (plan.round + 1) % every == 0:
             fold_and_restart(self.model, self.cfg.seed, plan.round)

@@ -1,0 +1,133 @@
+"""`pflm pretrain RECIPE --data DIR`: central, NON-private pretraining on a PUBLIC corpus, to start federated runs from.
+
+Only public text is read (the chatterbot-corpus dialogues, `pflm/data/corpora/public_text.py`); the data directory
+supplies just its tokenizer, normaliser and prior, which must themselves be public (or DP). The output directory
+holds `model.safetensors` and `pretrain.json` (corpus, licence, tokenizer hash, model settings, held-out *public*
+perplexity); a recipe starts federated fine-tuning from it with `server.init_from=OUT/model.safetensors`.
+The weights are public: they depend on public text and the seed only, and no user's sentence is ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pflm.errors import ConfigError, DataError
+
+HELDOUT_EVERY = 20  # every 20th public sentence is held out to report public perplexity
+
+
+def _batches(ids: list[list[int]], batch: int, rng: np.random.Generator, max_tokens: int):
+    from pflm.device.batching import pack_sentences
+
+    order = rng.permutation(len(ids))
+    for i in range(0, len(order), batch):
+        yield pack_sentences([ids[j] for j in order[i : i + batch]], max_tokens)
+
+
+def _loss(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    from pflm.model.losses import full_softmax_loss
+
+    width = int(lengths.max())
+    seqs = seqs[:, :width]
+    mask = torch.arange(width - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    feats = model.features(seqs[:, :-1])
+    return full_softmax_loss(feats, model.output_weight(), model.output_bias(), seqs[:, 1:], mask).mean()
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from pflm.config import load_recipe
+    from pflm.data.corpora import public_text
+    from pflm.data.store import FederatedData
+    from pflm.model.factory import build_model
+    from pflm.evaluation.perplexity import build_eval_set, evaluate
+    from pflm.io_utils import atomic_directory
+    from pflm.model.pretrained import PROVENANCE_FILE, WEIGHTS_FILE, file_sha256
+    from pflm.model.prior import prior_log_probs
+
+    if args.epochs < 1 or args.lr <= 0 or args.batch_size < 1 or args.max_sentences < 0:
+        raise ConfigError("--epochs and --batch-size must be >= 1, --lr > 0 and --max-sentences >= 0")
+    cfg = load_recipe(args.recipe, list(args.overrides) + [f"data.dir={args.data}"])
+    fd = FederatedData.open(cfg.data.dir)
+    if fd.privacy_info["vocabulary"] == "private":
+        raise DataError(f"{args.data} has a vocabulary counted on its users (private); pretrain with a public or DP "
+                        "vocabulary (`pflm prepare --tokenizer-input wordfreq`)")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, args.threads))
+    # distinct sentences only: the corpus repeats many questions, which would leak into the held-out split
+    texts = list(dict.fromkeys(t for t in (fd.normalizer(s) for s in public_text.sentences()) if t))
+    if args.max_sentences:
+        texts = texts[: args.max_sentences]
+    ids = fd.tokenizer.encode(texts)
+    held = [s for i, s in enumerate(ids) if i % HELDOUT_EVERY == 0 and s]
+    train = [s for i, s in enumerate(ids) if i % HELDOUT_EVERY != 0 and s]
+    held_es = build_eval_set(held, [texts[i] for i in range(len(ids)) if i % HELDOUT_EVERY == 0 and ids[i]], 120)
+    model = build_model(cfg.model, fd.vocab_size)
+    if fd.privacy_info["prior"] != "private":
+        with torch.no_grad():
+            model.output_bias().copy_(torch.as_tensor(prior_log_probs(fd.prior_counts()), dtype=torch.float32))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rng = np.random.default_rng(args.seed)
+    history = [{"epoch": 0, "heldout_public_perplexity": evaluate(model, held_es)["perplexity"]}]
+    print(f"public corpus: {len(train)} train / {len(held)} held-out sentences; epoch 0 held-out ppl "
+          f"{history[-1]['heldout_public_perplexity']:.1f}")
+    t0 = time.time()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        for seqs, lengths in _batches(train, args.batch_size, rng, cfg.data.max_tokens):
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(model, seqs, lengths)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        ppl = evaluate(model, held_es)["perplexity"]
+        history.append({"epoch": epoch, "heldout_public_perplexity": ppl})
+        print(f"epoch {epoch}: held-out public perplexity {ppl:.1f} ({time.time() - t0:.0f} s)")
+    info = {
+        "data": "public",
+        "corpus": public_text.NAME,
+        "license": public_text.LICENSE,
+        "sentences": len(train),
+        "words": int(sum(len(s) for s in train)),
+        "tokenizer_sha256": file_sha256(fd.tokenizer.path),
+        "model": asdict(cfg.model),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "history": history,
+        "note": "central, non-private training on public text only; no user data was read",
+        "seconds": time.time() - t0,
+    }
+    out = Path(args.out)
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out / WEIGHTS_FILE}; start federated fine-tuning with server.init_from={out / WEIGHTS_FILE}")
+    if not math.isfinite(history[-1]["heldout_public_perplexity"]):
+        raise DataError("pretraining diverged (non-finite perplexity); lower --lr")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pretrain", help="central NON-private pretraining on a public corpus (chatterbot-corpus)")
+    p.add_argument("recipe", help="the recipe whose model.* the federated run will use")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (model.* must match the federated run)")
+    p.add_argument("--data", required=True, help="`pflm prepare` output whose tokenizer/normaliser/prior to use")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors + pretrain.json)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sentences", type=int, default=0, help="use only the first N public sentences (0 = all)")
+    p.set_defaults(func=run_pretrain)

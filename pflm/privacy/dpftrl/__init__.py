@@ -1,0 +1,1 @@
+"""DP-FTRL: matrix-factorisation (correlated-noise) mechanisms that need no secret sampling."""

@@ -1,0 +1,76 @@
+"""Public pretraining (`pflm pretrain`) and starting a federated run from it; weights without public provenance are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pflm.cli import main
+from pflm.config import load_recipe
+from pflm.data.corpora import public_text
+from pflm.model.factory import build_model
+from pflm.errors import ConfigError
+from pflm.model.pretrained import load_pretrained, manifest_tokenizer_sha256
+from pflm.simulation.simulator import Simulator
+from tests.conftest import tiny_overrides
+
+SMALL = ["model.embedding_dim=16", "model.hidden_dim=32"]
+
+
+def test_public_corpus_is_the_packaged_dialogues():
+    rows = list(public_text.iter_rows())
+    assert len(rows) > 4000 and {"greetings", "conversations"} <= {u for u, _ in rows}
+    assert "BSD" in public_text.LICENSE
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "pretrained"
+    rc = main(["pretrain", "recipes/tiny_synthetic.yaml", *SMALL, "--data", synthetic_data, "--out", str(out),
+               "--epochs", "1", "--threads", "1",
+               "--max-sentences", "1500"])
+    assert rc == 0
+    return out
+
+
+def test_pretrain_writes_public_provenance_and_learns(pretrained, synthetic_data):
+    info = json.loads((pretrained / "pretrain.json").read_text())
+    assert info["data"] == "public" and info["corpus"] == "chatterbot"
+    assert info["tokenizer_sha256"] == manifest_tokenizer_sha256(synthetic_data)
+    ppl = [h["heldout_public_perplexity"] for h in info["history"]]
+    assert ppl[-1] < ppl[0]  # one epoch on public text lowers held-out public perplexity
+
+
+def test_federated_run_starts_from_the_pretrained_weights(pretrained, synthetic_data, tmp_path):
+    weights = pretrained / "model.safetensors"
+    cfg = load_recipe("recipes/tiny_synthetic.yaml", tiny_overrides(synthetic_data, str(tmp_path)) + SMALL)
+    model = build_model(cfg.model, 300)
+    load_pretrained(model, weights, manifest_tokenizer_sha256(synthetic_data))
+    state = load_file(str(weights))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    cfg = load_recipe("recipes/tiny_synthetic.yaml",
+                      tiny_overrides(synthetic_data, str(tmp_path), **{"server.rounds": 1}) + SMALL
+                      + [f"server.init_from={weights}"])
+    Simulator(cfg).run(progress=False)  # the whole pipeline accepts it
+
+
+def test_weights_without_public_provenance_are_refused(pretrained, synthetic_data, tmp_path):
+    """An operator must not smuggle a model fitted to the users' own text in as the starting point."""
+    weights = pretrained / "model.safetensors"
+    cfg = load_recipe("recipes/tiny_synthetic.yaml", tiny_overrides(synthetic_data, str(tmp_path)) + SMALL)
+    model = build_model(cfg.model, 300)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(weights.read_bytes())
+    with pytest.raises(ConfigError, match="pretrain.json"):
+        load_pretrained(model, fake / "model.safetensors", None)
+    info = json.loads((pretrained / "pretrain.json").read_text())
+    (fake / "pretrain.json").write_text(json.dumps({**info, "data": "private"}))
+    with pytest.raises(ConfigError, match="public data"):
+        load_pretrained(model, fake / "model.safetensors", None)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        load_pretrained(model, weights, "0" * 64)
+    bigger = build_model(load_recipe("recipes/tiny_synthetic.yaml", ["model.embedding_dim=24"]).model, 300)
+    with pytest.raises(ConfigError, match="does not match"):
+        load_pretrained(bigger, weights, None)
