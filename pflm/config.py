@@ -307,7 +307,7 @@ class RecipeConfig:
             )
 
         mech = self.privacy.mechanism
-        if mech != "gaussian":  # distributed DP (docs/distributed_dp.md)
+        if mech.startswith("distributed_"):  # distributed DP (docs/distributed_dp.md)
             _check(self.aggregation.kind == "secure",
                    f"privacy.mechanism={mech} needs aggregation=secure: with the plain sum the server would see each "
                    "device's update with only its own small noise share")

@@ -119,7 +119,7 @@ class DPMechanism:
             GaussianNoisePostprocessor(update_sigma, self.generator, self.expected_cohort, self.noise_cohort),
         ]
         self.distributed: Any = None  # distributed DP: devices add the noise (pflm/privacy/distributed/)
-        if p.mechanism != "gaussian" and self.noise_multiplier > 0:
+        if p.mechanism.startswith("distributed_") and self.noise_multiplier > 0:
             from pflm.privacy.distributed.mechanism import DistributedDP, DistributedNoiseReport
 
             if release_dim is None:
