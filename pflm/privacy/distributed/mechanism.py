@@ -70,7 +70,7 @@ class DistributedDP:
 
     # ------------------------------------------------------------------ the simulated cohort's integer grid
     def _sim_scale(self) -> CodecScale:
-        P, m, M, d = self.params, self.expected_cohort, self.noise_cohort, self.cfg.privacy.distributed
+        P, m, M = self.params, self.expected_cohort, self.noise_cohort
         if m == M:
             return CodecScale(P.mechanism, P.gamma, P.l2, P.share_variance, P.bits)
         bits = P.bits - 0.5 * math.log2(M / m)
