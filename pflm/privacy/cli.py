@@ -183,11 +183,7 @@ def run_plan(args: argparse.Namespace) -> int:
         curves.append((f"cohort {cohort} (q={cohort / args.population:g}), σ={rows[-1]['noise_multiplier']:.3f}",
                        cohort / args.population, rows[-1]["noise_multiplier"]))
     out = Path(args.out)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "plan.csv", buf.getvalue())
+    _write_csv(out / "plan.csv", rows)
     _plot(out / "plan.png", curves, max(args.rounds), args.delta, args.epsilon, args.accountant)
     if args.mechanism == "dpftrl":
         return _report_dpftrl_plan(rows, out, args)
@@ -238,15 +234,19 @@ def _report_dpftrl_plan(rows: list[dict[str, Any]], out: Path, args: argparse.Na
     return 0
 
 
-def _plan_distributed(args: argparse.Namespace) -> int:
-    """Distributed-DP plan: per cohort × rounds × bits, the noise gap to central DP and the wrap-around risk."""
-    rows = [_distributed(args, c, r, b) for c in args.cohorts for r in sorted(args.rounds) for b in args.bits]
-    out = Path(args.out)
+def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "plan.csv", buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plan_distributed(args: argparse.Namespace) -> int:
+    """Distributed-DP plan: per cohort × rounds × bits, the noise gap to central DP and the wrap-around risk."""
+    rows = [_distributed(args, c, r, b) for c in args.cohorts for r in sorted(args.rounds) for b in args.bits]
+    out = Path(args.out)
+    _write_csv(out / "plan.csv", rows)
     if args.json:
         print(json.dumps({"rows": rows, "csv": str(out / "plan.csv")}))
         return 0
