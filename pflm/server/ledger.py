@@ -66,10 +66,8 @@ class ReleaseLedger:
     def attempt(self, round_idx: int, pre_digest: str) -> int:
         """The noise attempt for this round's exact aggregate: an earlier attempt's number if the same aggregate was
         released before (the redo is then identical), else one past every release of the round made so far."""
-        known = self._attempts.get(round_idx, {})
-        if pre_digest in known:
-            return known[pre_digest]
-        return max([*known.values(), len(self._seen.get(round_idx, ())) - 1]) + 1 if round_idx in self._seen else 0
+        # every distinct release so far used a distinct attempt < their count, so the count is a fresh attempt
+        return self._attempts.get(round_idx, {}).get(pre_digest, len(self._seen.get(round_idx, ())))
 
     def record(self, round_idx: int, digest: str, pre_digest: str = "", attempt: int = 0) -> int:
         """Record a release (durably, before it is published); return how many releases of this round the
