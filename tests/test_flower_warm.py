@@ -81,7 +81,11 @@ def test_worker_socket_is_the_owners_only(worker):
 
 
 def test_clientapp_with_a_worker_never_loads_torch():
-    code = ("import sys; import pflm.flower.client_app, pflm.flower.tasks, pflm.flower.warm, pflm.flower.secure_node;"
+    code = ("import sys; import pflm.flower.client_app as app, pflm.flower.tasks, pflm.flower.warm, pflm.flower.secure_node;"
+            "from flwr.app import Context, RecordDict;"
+            "ctx = Context(run_id=1, node_id=1, node_config={'worker': '/x.sock', 'threads': 2}, state=RecordDict(),"
+            " run_config={});"
+            "assert app._node_settings(ctx, 2, trains_here=False)[0] == 2;"
             "assert 'torch' not in sys.modules, 'torch loaded'")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 

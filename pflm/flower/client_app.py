@@ -41,11 +41,12 @@ def query(msg: Message, context: Context) -> Message:
     return Message(shards.encode_partition(pid, n), reply_to=msg)
 
 
-def _node_settings(context: Context, sent_threads: int) -> tuple[int, str | None]:
-    """(torch threads, data dir) of this node from its node config (threads: else what the server sent; data dir:
-    else the node's policy file); threads applied to this process's torch (not loaded at all if sent_threads=0)."""
+def _node_settings(context: Context, sent_threads: int, trains_here: bool) -> tuple[int, str | None]:
+    """(threads, data dir) of this node from its node config (threads: else what the server sent; data dir: else the
+    node's policy file). If this process trains (no warm worker), the threads are applied to its torch; otherwise
+    torch is never loaded here."""
     threads = int(context.node_config.get(THREADS_KEY, 0) or 0) or int(sent_threads)
-    if sent_threads > 0 and threads > 0:
+    if trains_here and threads > 0:
         import torch
 
         if torch.get_num_threads() != threads:
@@ -68,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 
     payload = codec.train_payload(msg.content)  # torch-free: with a warm worker this process never loads torch
     worker = node_worker(context)
-    _, data_dir = _node_settings(context, 0 if worker else int(payload.config["threads"]))
+    _, data_dir = _node_settings(context, int(payload.config["threads"]), trains_here=worker is None)
     check_partition(payload.users, shards.node_partition(context))
     updates = node_updates(payload, node_policy(context.node_config), data_dir, worker)
     return Message(codec.encode_reply(collect(updates)), reply_to=msg)
@@ -100,8 +101,10 @@ def secagg_receive(msg: Message, context: Context) -> Message:
 def secagg_train(msg: Message, context: Context) -> Message:
     from pflm.flower import codec, secure_node
 
-    threads, data_dir = _node_settings(context, msg.content.config_records[codec.CONFIG]["threads"])
-    return secure_node.train(msg, context, shards.node_partition(context), threads, data_dir, node_worker(context))
+    worker = node_worker(context)
+    sent = int(msg.content.config_records[codec.CONFIG]["threads"])
+    threads, data_dir = _node_settings(context, sent, trains_here=worker is None)
+    return secure_node.train(msg, context, shards.node_partition(context), threads, data_dir, worker)
 
 
 @app.train("secagg_sign")
