@@ -6,6 +6,9 @@ Variants share the seed-derived run key (privacy.reproducible=true), hence the s
 randomness: the differences come from the mechanism. Usage:
   python scripts/bench_ddp.py --data /tmp/ddp/chitchat --rounds 12 --variants central distributed_skellam:16 \\
       --json bench.json
+With --lockstep all variants are built first and advanced one round at a time, in turn, evaluating each at the
+--eval-at rounds and appending one JSON line per (variant, checkpoint) to --jsonl: a run stopped early (or killed at
+a deadline) still leaves every variant compared at the same round count.
 """
 
 from __future__ import annotations
@@ -58,6 +61,45 @@ def run(variant: str, overrides: list[str], rounds: int, out: str) -> dict:
     return res
 
 
+def _build(variant: str, overrides: list[str], out: str) -> tuple[Simulator, dict]:
+    name = f"bench_{variant}"
+    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    cfg = load_recipe("recipes/chitchat_dp.yaml", overrides + [f"name={name}", f"output_dir={out}"])
+    drv = Simulator(cfg)
+    agg, finalize = drv.aggregator, drv.aggregator.finalize
+
+    def measured() -> object:
+        res = finalize()
+        probe = res.total.numpy()[:: agg._probe_stride(res.total.numel())].astype("float64")
+        res.metrics["bench_sum_error_std"] = float((probe - agg._float_sum).std())
+        return res
+
+    agg.finalize = measured
+    return drv, {"cfg": cfg, "test": load_eval_set(drv.fd, "test", cfg.data.test_users), "seconds": 0.0, "rounds": []}
+
+
+def lockstep(variants: list[tuple[str, list[str]]], rounds: int, eval_at: set[int], out: str, jsonl: str) -> None:
+    runs = [(v, *_build(v, o, out)) for v, o in variants]
+    for r in range(rounds):
+        for v, drv, st in runs:
+            t0 = time.time()
+            m = drv.run_round(r)
+            st["seconds"] += time.time() - t0
+            st["rounds"].append({k: m.get(k) for k in ("epsilon", "bench_sum_error_std", "seconds", "failed")})
+            if r + 1 in eval_at or r + 1 == rounds:
+                errs = sorted(x["bench_sum_error_std"] for x in st["rounds"] if x["bench_sum_error_std"] is not None)
+                rec = {"variant": v, "rounds": r + 1, "train_seconds": st["seconds"],
+                       "val": evaluate(drv.server.model, drv.val_set)["perplexity"],
+                       "test_word": evaluate(drv.server.model, st["test"])["word_perplexity"],
+                       "epsilon": m.get("epsilon"), "median_sum_error_std": errs[len(errs) // 2] if errs else None,
+                       "load": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+    for _, drv, _ in runs:
+        drv.fanout.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -66,10 +108,19 @@ def main() -> None:
                     help="central or MECHANISM:BITS, e.g. distributed_skellam:16 distributed_dgauss:18")
     ap.add_argument("--out", default="/tmp/ddp/bench")
     ap.add_argument("--json", default="")
+    ap.add_argument("--lockstep", action="store_true", help="advance all variants round by round (see above)")
+    ap.add_argument("--eval-at", type=int, nargs="*", default=[25, 50, 100, 150, 200])
+    ap.add_argument("--jsonl", default="bench_ddp.jsonl")
     a = ap.parse_args()
     base = [f"data.dir={a.data}", "aggregation.kind=secure", "aggregation.secagg.mode=simulate",
             "privacy.reproducible=true", "threads=2", "device_workers=2", "aggregation.secagg.measure_quant_error=true",
             "diagnostics=true"]
+    if a.lockstep:
+        vs = [(v, base) if v == "central" else
+              ("_".join(v.split(":")), base + [f"privacy.mechanism={v.split(':')[0]}",
+                                              f"privacy.distributed.bits={v.split(':')[1]}"]) for v in a.variants]
+        lockstep(vs, a.rounds, set(a.eval_at), a.out, a.jsonl)
+        return
     results = []
     for v in a.variants:
         if v == "central":

@@ -1,9 +1,11 @@
-"""Discrete noise shares and randomised rounding, drawn from a device's own ChaCha20 CSPRNG stream.
+"""Discrete noise shares and randomised rounding, drawn from a device's own AES-CTR CSPRNG stream.
 
-Every draw comes from `device_generator(key)`: NumPy's `Generator` over randomgen's ChaCha20 bit generator (20
-rounds) keyed by 256 bits of HKDF output (`pflm.secure_random.subkey` of the device's secret key), so the samplers
-are NumPy's own well-tested algorithms (Poisson: PTRS transformed rejection; integers: Lemire's unbiased method)
-fed by a CSPRNG instead of a public-seeded PRNG.
+Every draw comes from `device_generator(key)`: NumPy's `Generator` over randomgen's AES counter-mode bit generator
+(AES-128 in CTR mode, the NIST CTR_DRBG construction; AES-NI where the CPU has it) keyed by HKDF output
+(`pflm.secure_random.subkey` of the device's secret key), so the samplers are NumPy's own well-tested algorithms
+(Poisson: PTRS transformed rejection; integers: Lemire's unbiased method) fed by a CSPRNG instead of a
+public-seeded PRNG. AES-CTR rather than ChaCha20 (as for the SecAgg masks, masking.py): with AES-NI NumPy's Poisson
+sampler runs ~2× faster on it (4.3M draws: 0.26 s vs 0.48 s), which is most of a device's distributed-DP cost.
 
 * Skellam share: Sk(λ, λ) = Poisson(λ) − Poisson(λ) per coordinate (variance 2λ); sums of shares are Skellam
   (Agarwal, Kairouz, Liu 2021).
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from randomgen import ChaCha
+from randomgen import AESCounter
 
 from pflm.errors import AggregationFailed
 
@@ -28,10 +30,10 @@ MAX_ROUNDING_TRIES = 1000
 
 
 def device_generator(key: bytes) -> np.random.Generator:
-    """A NumPy Generator over ChaCha20 (20 rounds) keyed by the 32-byte secret `key`."""
+    """A NumPy Generator over AES-128-CTR keyed by the first 16 bytes of the 32-byte secret `key` (HKDF output)."""
     if len(key) != 32:
         raise ValueError("a device noise key is 32 bytes")
-    return np.random.Generator(ChaCha(key=int.from_bytes(key, "big"), counter=0, rounds=20))
+    return np.random.Generator(AESCounter(key=int.from_bytes(key[:16], "big"), counter=0))
 
 
 def skellam(gen: np.random.Generator, lam: float, size: int) -> np.ndarray:
@@ -40,7 +42,8 @@ def skellam(gen: np.random.Generator, lam: float, size: int) -> np.ndarray:
         raise ValueError(f"Skellam parameter {lam} is invalid")
     if lam == 0:
         return np.zeros(size, dtype=np.int64)
-    return gen.poisson(lam, size).astype(np.int64) - gen.poisson(lam, size).astype(np.int64)
+    a = gen.poisson(lam, size)  # int64
+    return np.subtract(a, gen.poisson(lam, size), out=a)
 
 
 def _bernoulli_exp(gen: np.random.Generator, gamma: np.ndarray) -> np.ndarray:
@@ -91,11 +94,11 @@ def conditional_rounding(gen: np.random.Generator, x: np.ndarray, bound: float) 
     device's business (nothing about them is sent)."""
     floor = np.floor(x)
     frac = x - floor
-    base = floor.astype(np.int64)
+    r = np.empty_like(floor)
     for tries in range(1, MAX_ROUNDING_TRIES + 1):
-        r = base + (gen.random(x.shape) < frac)
-        if float(np.dot(r.astype(np.float64), r.astype(np.float64))) <= bound * bound:
-            return r, tries
+        np.add(floor, gen.random(x.shape) < frac, out=r)  # integers < 2^53: exact in float64
+        if float(np.dot(r, r)) <= bound * bound:
+            return r.astype(np.int64), tries
     raise AggregationFailed(
         f"conditional rounding failed {MAX_ROUNDING_TRIES} times (‖x‖ = {np.linalg.norm(x):.4g} against the bound "
         f"{bound:.4g}): the update was not clipped to the round's bound"
