@@ -318,9 +318,9 @@ class RecipeConfig:
             _check(self.privacy.accountant == "rdp", f"privacy.mechanism={mech} is accounted with RDP: set privacy.accountant=rdp")
             _check(self.server.sampling == "poisson", f"privacy.mechanism={mech} is accounted with Poisson sampling: "
                    "set server.sampling=poisson")
-            _check(self.backend == "inprocess",
-                   f"privacy.mechanism={mech} runs on the in-process backend only (the Flower device half does not add "
-                   "distributed noise yet): set backend=inprocess")
+            _check(self.backend == "inprocess" or self.aggregation.secagg.mode == "full",
+                   f"privacy.mechanism={mech} on Flower needs aggregation.secagg.mode=full (the device half, with its "
+                   "noise share, runs on the nodes; mode=simulate would send the server plain updates)")
         if self.aggregation.kind == "secure" and self.server.weighting == "tokens":
             _check(
                 self.aggregation.secagg.max_weight > 1,

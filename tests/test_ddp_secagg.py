@@ -116,14 +116,14 @@ def test_rotation_is_orthogonal_and_flattens():
 @pytest.mark.parametrize("override,needle", [
     ("aggregation.kind=plain", "aggregation=secure"),
     ("aggregation.secagg.rounding=seeded", "rounding=urandom"),
-    ("backend=flower", "backend=inprocess"),
+    ("backend=flower aggregation.secagg.mode=simulate", "mode=full"),
     ("privacy.accountant=prv", "accountant=rdp"),
 ])
 def test_unsafe_recipes_are_refused(override, needle):
     base = ["privacy.mechanism=distributed_skellam", "aggregation.kind=secure", "privacy.target_epsilon=2",
             "privacy.noise_multiplier=null"]
     with pytest.raises(ConfigError, match=needle):
-        load_recipe("recipes/tiny_synthetic.yaml", base + [override])
+        load_recipe("recipes/tiny_synthetic.yaml", base + override.split())
 
 
 def test_end_to_end_run_accounts_the_survivors(synthetic_data, tmp_path):

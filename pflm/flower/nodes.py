@@ -64,7 +64,9 @@ def remote_secure_aggregator(driver: RunDriver, enabled: bool = True) -> RemoteS
         keys = tuple(sorted(aux))
     max_sent = cfg.data.max_sentences_per_device
     token_bound = float((cfg.data.max_tokens + 2) * max_sent) if max_sent > 0 else 1e6
-    return RemoteSecureAggregator(agg.config, seed=cfg.seed, aux_keys=keys, token_bound=token_bound)
+    remote = RemoteSecureAggregator(agg.config, seed=cfg.seed, aux_keys=keys, token_bound=token_bound)
+    remote.codec_factory = agg.codec_factory  # distributed DP: the devices encode with the round's DDP codec
+    return remote
 
 
 class FlowerNodes(DeviceFanout):

@@ -11,12 +11,17 @@ therefore read from the node's own policy, not from the round message:
   public keys, from a PKI outside the server) a round whose key registry holds any other key is refused, so the
   server cannot impersonate a device by swapping its key; without it the devices trust the ServerApp's registry
   (keys pinned on first use);
+- what distributed DP it accepts (`distributed`: mechanisms, a floor on the noise the devices' own shares add to
+  any sum the server can unmask, a floor on the modular range, whether it insists on distributed DP): a server that
+  asks for no noise share, for shares shrunk by a false dropout tolerance or cohort, or for a wrap-around-certain
+  modulus is refused (pflm.flower.ddp_node);
 - where the node's data lives.
 
 Sources, first found wins: the node config key `policy="FILE"` (`flower-supernode --node-config`), the environment
 variable PFLM_NODE_POLICY=FILE, else the built-in strict policy (`NodePolicy()`): SecAgg+ floors from Bell et al.
 for 5% colluders / 5% dropouts / 2^-20, semi-honest server, fresh OS-CSPRNG keys only. FILE is YAML/JSON:
-`{secagg: {...aggregation.secagg keys...}, allow_reproducible: bool, data_dir: str, trusted_keys: [base64, ...]}`.
+`{secagg: {...aggregation.secagg keys...}, allow_reproducible: bool, data_dir: str, trusted_keys: [base64, ...],
+distributed: {mechanisms: [...], min_noise_multiplier: z, min_range_stddevs: k, required: bool}}`.
 
 In a Flower *simulation* one person runs the server and every node, so `pflm train backend=flower` writes a policy
 from the recipe itself (`write_node_policy`) and points the simulated nodes at it.
@@ -45,8 +50,35 @@ TRUSTED_SECAGG = ("threshold", "neighbours", "corrupt_fraction", "dropout_fracti
                   "malicious", "min_neighbours", "rounding")
 
 
+DDP_MECHANISMS = ("distributed_skellam", "distributed_dgauss")
+
+
 def _strict_secagg() -> SecAggConfig:
     return SecAggConfig(neighbours="log")
+
+
+@dataclass
+class DistributedPolicy:
+    """What a node's devices accept when the server asks for distributed DP (checked in pflm.flower.ddp_node).
+
+    `min_noise_multiplier`: the devices refuse unless the honest devices' shares in the smallest sum the session
+    lets the server unmask give noise std ≥ this × the rounded sensitivity Δ₂ (0: only a zero share is refused,
+    the setting for simulated nodes, which the operator runs anyway). The default 0.5 is met by a deployment of
+    the default recipe (z = 0.84 over 95% of the cohort, threshold 0.6: 0.64). `min_range_stddevs`: the modulus
+    must hold this many standard deviations of a coordinate of the sum. `required`: refuse plain fixed-point
+    rounds (the server would then add the noise itself after seeing the exact sum)."""
+
+    mechanisms: list[str] = field(default_factory=lambda: list(DDP_MECHANISMS))
+    min_noise_multiplier: float = 0.5
+    min_range_stddevs: float = 2.0
+    required: bool = False
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.mechanisms) - set(DDP_MECHANISMS))
+        if bad:
+            raise ConfigError(f"policy.distributed.mechanisms {bad} are unknown: use {list(DDP_MECHANISMS)}")
+        if not (self.min_noise_multiplier >= 0 and self.min_range_stddevs >= 0):
+            raise ConfigError("policy.distributed.min_noise_multiplier and min_range_stddevs must be ≥ 0")
 
 
 @dataclass
@@ -59,6 +91,7 @@ class NodePolicy:
     # base64 Ed25519 public keys of every enrolled device (the PKI, from outside the server); [] = trust the
     # ServerApp's registry (pinned on first use)
     trusted_keys: list[str] = field(default_factory=list)
+    distributed: DistributedPolicy = field(default_factory=DistributedPolicy)
 
     def trusted_key_set(self) -> frozenset[bytes] | None:
         if not self.trusted_keys:
@@ -100,9 +133,16 @@ def node_policy(node_config: dict) -> NodePolicy:
 
 
 def policy_from_recipe(cfg: RecipeConfig) -> NodePolicy:
-    """The policy a simulation's nodes get: the recipe's own SecAgg options and reproducibility, its data dir."""
+    """The policy a simulation's nodes get: the recipe's own SecAgg options and reproducibility, its data dir, and
+    for distributed DP the recipe's mechanism with no noise floor beyond a non-zero share (the operator runs every
+    simulated node; with a noise cohort above the simulated cohort each simulated sum carries only a fraction of
+    the deployment's noise)."""
     data = str(Path(cfg.data.dir).expanduser().resolve()) if cfg.data.dir else ""
-    return NodePolicy(secagg=cfg.aggregation.secagg, allow_reproducible=cfg.privacy.reproducible, data_dir=data)
+    mech = cfg.privacy.mechanism
+    ddp = DistributedPolicy(mechanisms=[mech] if mech in DDP_MECHANISMS else list(DDP_MECHANISMS),
+                            min_noise_multiplier=0.0, required=mech in DDP_MECHANISMS)
+    return NodePolicy(secagg=cfg.aggregation.secagg, allow_reproducible=cfg.privacy.reproducible, data_dir=data,
+                      distributed=ddp)
 
 
 def write_node_policy(cfg: RecipeConfig, path: str | Path) -> Path:

@@ -10,7 +10,9 @@ is reported in `refused` and sends nothing more; its state is kept (marked faile
 
 The `train` stage trains the node's users (the same `device_update` as the plain path), shrinks each clipped
 update by the codec's rounding slack (`shrink_factor`), encodes it in fixed point with a device-side rounding key and
-masks it: the reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
+masks it — or, with distributed DP, first checks the server's mechanism parameters against the node's policy
+(`pflm.flower.ddp_node`), then rotates, scales, rounds, adds the device's own noise share (keyed by the same
+device key: fresh OS randomness unless the node allows reproducible runs) and masks mod 2^w: the reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
 refused. Train loss and token counts go into the masked vector as side values (`remote.SIDE_KEYS`).
 """
 
@@ -25,7 +27,8 @@ from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.aggregator.secagg.fixed_point import FixedPointCodec, rounding_key
 from pflm.aggregator.secagg.masking import MaskStream
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
-from pflm.errors import PflmError
+from pflm.errors import AggregationFailed, PflmError
+from pflm.flower import ddp_node
 from pflm.flower.policy import node_policy
 from pflm.flower.shards import owner
 
@@ -236,8 +239,9 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
     rnd, seed, clip_bound = int(payload.config["round"]), int(payload.config["seed"]), float(payload.config["clip-bound"])
     updates = node_updates(payload, policy, data_dir, worker)
     masked, nonfinite, refused = {}, [], {}
-    stream = fpc = None
-    token_bound = 0.0
+    stream = enc_codec = None
+    bounds = dict(zip(cp.get("aux_keys", []), cp.get("aux_bounds", [])))
+    token_bound = float(bounds.get(SIDE_TOKENS, 0.0))
     for (u, pid), (trained, rep) in zip(devices, updates):
         assert trained == u
         try:
@@ -250,29 +254,43 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
             if cp["bits"] != s.bits or cp["n"] != len(s.x_of) or cp["dim"] != int(payload.config["dim"]):
                 raise ProtocolViolation(f"device {pid} refuses: the codec does not match the session "
                                         "(bits, cohort size, dimension)")
-            if fpc is None:
-                fpc = FixedPointCodec(int(cp["bits"]), int(cp["n"]), int(cp["dim"]), float(cp["value_bound"]),
-                                      float(cp["weight_bound"]), tuple(cp["aux_keys"]), float(cp["aux_bound"]),
-                                      max(1, threads or 1), tuple(float(b) for b in cp["aux_bounds"]))
-                stream = MaskStream(fpc.length, s.bits, max(1, threads or 1))
-                token_bound = dict(zip(fpc.aux_keys, fpc.aux_bound_list)).get(SIDE_TOKENS, 0.0)
+            why = ddp_node.refusal(cp, policy.distributed, s, c.config, clip_bound, int(payload.config["dim"]))
+            if why is not None:  # checked before the device's update is touched
+                c._refuse(why)
+            if enc_codec is None:
+                if cp.get("kind") == "distributed":  # rotation → γ → rounding → own noise share, mod 2^w
+                    enc_codec = ddp_node.device_codec(cp, seed, rnd)
+                else:
+                    enc_codec = FixedPointCodec(int(cp["bits"]), int(cp["n"]), int(cp["dim"]), float(cp["value_bound"]),
+                                                float(cp["weight_bound"]), tuple(cp["aux_keys"]), float(cp["aux_bound"]),
+                                                max(1, threads or 1), tuple(float(b) for b in cp["aux_bounds"]))
+                stream = MaskStream(enc_codec.length, s.bits, max(1, threads or 1))
             if rep is None:
                 nonfinite.append(pid)
                 c._failed = "its update is not finite"  # the device leaves the round
                 continue
             aux = rep.aux
-            unknown = sorted(set(aux) - set(fpc.aux_keys))
+            unknown = sorted(set(aux) - set(enc_codec.aux_keys))
             if unknown:
                 raise PflmError(f"the device produced side values {unknown} outside the round's layout "
-                                f"{list(fpc.aux_keys)}: list every aux name in aggregation.secagg.aux_keys")
+                                f"{list(enc_codec.aux_keys)}: list every aux name in aggregation.secagg.aux_keys")
             tokens = min(float(rep.num_tokens), token_bound)
             loss = min(max(float(rep.train_loss), 0.0), MAX_TOKEN_LOSS)
             aux = {**aux, SIDE_LOSS: loss * tokens if np.isfinite(loss) else 0.0, SIDE_TOKENS: tokens}
             x = codec.numpy_of(rep.update).reshape(-1)
-            shrink = fpc.shrink_factor(x, clip_bound * max(float(rep.weight), 0.0))
-            rkey = device_rounding_key(reproducible, c.config, seed, rnd, u)
-            enc = fpc.encoder(x, float(rep.weight), aux, rkey, shrink)
-            y = c.masked_input(enc, req["mask_lists"][str(pid)], stream)
+            shrink = enc_codec.shrink_factor(x, clip_bound * max(float(rep.weight), 0.0))
+            rkey = device_rounding_key(reproducible, c.config, seed, rnd, u)  # noise and rounding: this key only
+            if getattr(enc_codec, "fused", True):
+                enc = enc_codec.encoder(x, float(rep.weight), aux, rkey, shrink)
+                finite = None
+            else:
+                enc = enc_codec.encode(x, float(rep.weight), aux, rkey, shrink)
+                finite = enc.finite
+            if finite is False:
+                nonfinite.append(pid)
+                c._failed = "its update is not finite"
+                continue
+            y = c.masked_input(enc if finite is None else enc.ints, req["mask_lists"][str(pid)], stream)
             if not enc.finite:
                 nonfinite.append(pid)
                 c._failed = "its update is not finite"
@@ -280,6 +298,9 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
             masked[str(pid)] = Array(np.ascontiguousarray(y))
         except ProtocolViolation as e:
             refused[str(pid)] = str(e)
+        except (ValueError, AggregationFailed) as e:  # e.g. an update above the clip bound: this device leaves
+            c._failed = str(e)
+            refused[str(pid)] = f"device {pid} could not encode its update: {e}"
         finally:
             devs.put(c)
     devs.save()

@@ -103,13 +103,20 @@ class RemoteSecureAggregator(SecureAggregator):
         assert ctx is not None
         keys = self.device_aux_keys + SIDE_KEYS
         bounds = (cfg.aux_bound,) * len(self.device_aux_keys) + (self.token_bound * MAX_TOKEN_LOSS, self.token_bound)
+        if self.codec_factory is not None:  # distributed DP: rotation, rounding, noise share (privacy/distributed)
+            return self.codec_factory(ctx, len(self.cohort), keys, 1, aux_bounds=bounds)
         return FixedPointCodec(cfg.bits, len(self.cohort), ctx.dim, ctx.clip_bound * cfg.value_factor, cfg.max_weight,
                                keys, cfg.aux_bound, 1, bounds)
 
     def codec_params(self) -> dict[str, Any]:
+        """What the devices are told to encode with (public): the fixed-point layout, or the distributed-DP
+        codec's public mechanism parameters (`kind: distributed`), which the devices check against their own
+        policy before adding their noise share (pflm.flower.secure_node)."""
         c = self.codec
         assert c is not None
-        return {"bits": c.bits, "n": c.cohort_size, "dim": c.dim, "value_bound": c.value_bound,
+        if hasattr(c, "public_params"):
+            return c.public_params()
+        return {"kind": "fixed", "bits": c.bits, "n": c.cohort_size, "dim": c.dim, "value_bound": c.value_bound,
                 "weight_bound": c.weight_bound, "aux_keys": list(c.aux_keys), "aux_bound": c.aux_bound,
                 "aux_bounds": list(c.aux_bound_list)}
 

@@ -54,6 +54,28 @@ class DistributedDPCodec:
         self.value_bound = self.clip_bound
         self.last_tries = 0  # conditional-rounding tries of the last encode (tests)
 
+    # -- what a remote device is told (pflm.flower.secure_node) ------------------------------------------------
+    def public_params(self) -> dict:
+        """Every parameter a device needs to encode, all public: the mechanism, γ, the rounding bound Δ₂, one
+        device's share variance, the modulus, the tail layout and the rotation block. The rotation itself is
+        public by design (Kairouz et al. 2021 §4.2; Agarwal et al. 2021): the device derives it from the run's
+        public seed and the round (`rotation_seed`), see rotation.py for why it need not be secret."""
+        s, t = self.scale, self.tail
+        return {"kind": "distributed", "mechanism": s.mechanism, "gamma": s.gamma, "l2": s.l2,
+                "share_variance": s.share_variance, "modulus_bits": s.modulus_bits, "bits": self.bits,
+                "n": t.cohort_size, "dim": self.dim, "rotation_block": self.rotation.block,
+                "clip_bound": self.clip_bound, "weight_bound": t.weight_bound, "aux_keys": list(t.aux_keys),
+                "aux_bound": t.aux_bound, "aux_bounds": list(t.aux_bound_list)}
+
+    @classmethod
+    def from_public(cls, p: dict, rotation_seed: bytes) -> DistributedDPCodec:
+        """The device's codec from `public_params` (values the node has already checked) and the public seed."""
+        scale = CodecScale(str(p["mechanism"]), float(p["gamma"]), float(p["l2"]), float(p["share_variance"]),
+                           int(p["modulus_bits"]))
+        return codec_for_round(scale, int(p["dim"]), rotation_seed, int(p["rotation_block"]), int(p["bits"]),
+                               int(p["n"]), tuple(p["aux_keys"]), float(p["weight_bound"]), float(p["aux_bound"]),
+                               float(p["clip_bound"]), aux_bounds=tuple(float(b) for b in p["aux_bounds"]))
+
     # -- metrics the aggregator reports ----------------------------------------------------------------------
     def rounding_slack(self) -> float:
         return 0.0  # conditional rounding keeps ‖x̃‖ ≤ Δ₂, which the accountant uses: nothing to shrink
@@ -113,8 +135,9 @@ class DistributedDPCodec:
 
 def codec_for_round(scale: CodecScale, dim: int, rotation_seed: bytes, block: int, bits: int, cohort: int,
                     aux_keys: tuple[str, ...], max_weight: float, aux_bound: float, clip_bound: float,
-                    rotation_cache: dict | None = None) -> DistributedDPCodec:
-    """The round's codec; `rotation_cache` keeps one Rotation per (dim, seed) (it is public and shared)."""
+                    rotation_cache: dict | None = None, aux_bounds: tuple[float, ...] = ()) -> DistributedDPCodec:
+    """The round's codec; `rotation_cache` keeps one Rotation per (dim, seed) (it is public and shared);
+    `aux_bounds`: per-key bounds of the tail's aux values (empty: `aux_bound` for every key)."""
     key = (dim, rotation_seed, block)
     rot = None if rotation_cache is None else rotation_cache.get(key)
     if rot is None:
@@ -122,7 +145,7 @@ def codec_for_round(scale: CodecScale, dim: int, rotation_seed: bytes, block: in
         if rotation_cache is not None:
             rotation_cache.clear()
             rotation_cache[key] = rot
-    tail = FixedPointCodec(bits, cohort, 0, 1.0, max_weight, tuple(aux_keys), aux_bound)
+    tail = FixedPointCodec(bits, cohort, 0, 1.0, max_weight, tuple(aux_keys), aux_bound, 1, tuple(aux_bounds))
     return DistributedDPCodec(scale, rot, tail, clip_bound)
 
 

@@ -83,8 +83,10 @@ class DistributedDP:
         """Std (model units) of the noise on the simulated cohort's sum when all m̄ expected devices add a share."""
         return math.sqrt(self.expected_cohort * self.scale.share_variance) / self.scale.gamma
 
-    def codec_factory(self, ctx: RoundContext, cohort: int, aux_keys: tuple[str, ...], workers: int) -> DistributedDPCodec:
-        """The round's device codec (called by `SecureAggregator` instead of building a FixedPointCodec)."""
+    def codec_factory(self, ctx: RoundContext, cohort: int, aux_keys: tuple[str, ...], workers: int,
+                      aux_bounds: tuple[float, ...] = ()) -> DistributedDPCodec:
+        """The round's device codec (called by `SecureAggregator` instead of building a FixedPointCodec;
+        `RemoteSecureAggregator` passes per-key `aux_bounds` for its side values)."""
         if abs(ctx.clip_bound - self.params.clip_bound) > 1e-12 * self.params.clip_bound:
             raise ConfigError("distributed DP needs the recipe's fixed clip bound (the parameters are calibrated for it)")
         if ctx.dim != self.dim:
@@ -95,7 +97,8 @@ class DistributedDP:
         scale = replace(self.scale, share_variance=self.scale.share_variance * self.expected_cohort / max(cohort, 1))
         return codec_for_round(scale, ctx.dim, rotation_seed(ctx.seed, ctx.round),
                                self.cfg.privacy.distributed.rotation_block, sa.bits, cohort, aux_keys,
-                               sa.max_weight, sa.aux_bound, self.params.clip_bound, self._rotations)
+                               sa.max_weight, sa.aux_bound, self.params.clip_bound, self._rotations,
+                               aux_bounds=aux_bounds)
 
     # ------------------------------------------------------------------ accounting
     def charged_shares(self, survivors: int, cohort: int) -> int:
