@@ -102,6 +102,8 @@ def test_cli_calibrate_and_plan(tmp_path, capsys, monkeypatch):
     assert out[0].startswith("noise_multiplier: ") and float(out[0].split()[1]) > 0.8
     assert any(line.startswith("bits_per_coordinate: 18") for line in out)
     assert any(line.startswith("noise_gap_to_central: ") for line in out)
+    node = [float(line.split()[1]) for line in out if line.startswith("node_noise_multiplier: ")]
+    assert len(node) == 1 and 0.4 * float(out[0].split()[1]) < node[0] < float(out[0].split()[1])  # h < n_min
     assert cli.main(["privacy", "plan", "--epsilon", "2", "--delta", "1e-6", "--population", "1000000", "--cohorts",
                      "5000", "--rounds", "200", "--dim", "100000", "--mechanism", "distributed_dgauss", "--bits", "12",
                      "18", "--out", str(tmp_path / "p")]) == 0

@@ -29,22 +29,19 @@ from typing import Any
 from pflm.aggregator.secagg.masking import Session
 from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.flower.policy import DistributedPolicy
+from pflm.privacy.distributed import params
 from pflm.privacy.distributed.codec import DistributedDPCodec
 from pflm.privacy.distributed.rotation import padded_length, rotation_seed
 
 
 def honest_shares(session: Session, config: SecAggConfig) -> int:
     """h: honest devices whose shares are in any sum the session lets the server unmask (see module docstring)."""
-    n = len(session.x_of)
-    k = session.degree or n - 1
-    smallest = session.threshold if k >= n - 1 else math.ceil(session.threshold / k * n)
-    return smallest - math.ceil(config.corrupt_fraction * n)
+    return params.honest_shares(len(session.x_of), session.degree, session.threshold, config.corrupt_fraction)
 
 
 def node_noise_multiplier(cp: dict[str, Any], session: Session, config: SecAggConfig) -> float:
     """√(h·v)/Δ₂: the noise multiplier the honest shares alone guarantee in any unmaskable sum (0 if h < 1)."""
-    h = honest_shares(session, config)
-    return math.sqrt(h * float(cp["share_variance"])) / float(cp["l2"]) if h >= 1 else 0.0
+    return params.honest_noise_multiplier(honest_shares(session, config), float(cp["share_variance"]), float(cp["l2"]))
 
 
 def range_stddevs(cp: dict[str, Any]) -> float:

@@ -78,6 +78,21 @@ class DDPParameters:
         return d
 
 
+def honest_shares(n: int, degree: int, threshold: int, corrupt_fraction: float) -> int:
+    """Honest devices whose shares are in any sum a SecAgg server can unmask: the threshold t for the complete
+    graph (degree n − 1); for a SecAgg+ graph of degree k the fraction t/k of n (Bell et al.'s guarantee is of this
+    form; an approximation). At most ⌈corrupt_fraction·n⌉ colluding devices may add no share."""
+    k = degree or n - 1
+    smallest = threshold if k >= n - 1 else math.ceil(threshold / k * n)
+    return smallest - math.ceil(corrupt_fraction * n)
+
+
+def honest_noise_multiplier(honest: int, share_variance: float, l2: float) -> float:
+    """√(h·v)/Δ₂: the noise multiplier `honest` shares of variance v guarantee alone (0 when h < 1). What a node's
+    policy floor (`policy.distributed.min_noise_multiplier`, pflm.flower.ddp_node) is compared with."""
+    return math.sqrt(honest * share_variance) / l2 if honest >= 1 else 0.0
+
+
 def scale_for(bits: float, n: int, clip: float, dim: int, share_variance_over_gamma2: float, k: float) -> float:
     """γ with 2^b = 2k·√(n²γ²C²/D + n/4 + n·v), v = (share std in model units)²·γ² (the share scales with γ)."""
     a = (n * clip) ** 2 / dim + n * share_variance_over_gamma2  # coefficient of γ²

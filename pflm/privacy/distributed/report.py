@@ -12,7 +12,8 @@ import math
 from typing import Any
 
 from pflm.privacy.accountant import calibrate_noise
-from pflm.privacy.distributed.params import plan_parameters
+from pflm.aggregator.secagg.options import SecAggConfig
+from pflm.privacy.distributed.params import honest_noise_multiplier, honest_shares, plan_parameters
 from pflm.privacy.distributed.rotation import DEFAULT_BLOCK, padded_length
 
 
@@ -25,6 +26,10 @@ def distributed_row(mechanism: str, bits: int, cohort: int, population: int, rou
                         target_epsilon=epsilon, k_stddevs=k_stddevs)
     central = calibrate_noise(q, rounds, delta, epsilon, "rdp")
     per_coord = min(1.0, 2 * math.exp(-k_stddevs**2 / 2))
+    # what a Flower node computes its noise floor against: the smaller of the complete graph (t = 0.6·n) and the
+    # strict node policy's SecAgg+ graph (Bell et al. t and degree for 5% colluders / 5% dropouts)
+    honest = min(honest_shares(cohort, *sa.round_parameters(cohort), sa.corrupt_fraction)
+                 for sa in (SecAggConfig(), SecAggConfig(neighbours="log")))
     return {
         "mechanism": mechanism, "bits": bits, "cohort": cohort, "rounds": rounds, "sampling_rate": q,
         "noise_multiplier": P.noise_multiplier, "central_noise_multiplier": central,
@@ -32,6 +37,7 @@ def distributed_row(mechanism: str, bits: int, cohort: int, population: int, rou
         "share_variance": P.share_variance, "padded_dim": padded, "payload_bytes": P.payload_bytes(),
         "float32_bytes": 4 * dim, "wrap_prob_per_coord": per_coord, "wrap_log2_any": P.wrap_log2(),
         "noise_gap": P.sum_std() / (central * clip),
+        "node_noise_multiplier": honest_noise_multiplier(honest, P.share_variance, P.l2), "node_honest_shares": honest,
     }
 
 
@@ -48,4 +54,7 @@ def describe(row: dict[str, Any]) -> list[str]:
         f"log2 P[any] ≤ {row['wrap_log2_any']:.1f}; utility only, never privacy)",
         f"central_gaussian_noise_multiplier: {row['central_noise_multiplier']!r} (same ε, δ, q, rounds)",
         f"noise_gap_to_central: {row['noise_gap']:.4f}× the central noise std on the sum",
+        f"node_noise_multiplier: {row['node_noise_multiplier']:.4f} (what a Flower node checks: {row['node_honest_shares']} "
+        "honest shares in the smallest sum the default SecAgg graphs let the server unmask, over Δ₂; a node's "
+        "policy.distributed.min_noise_multiplier must not exceed it)",
     ]
