@@ -24,28 +24,34 @@ The rotation seed is not taken from the server: the device derives it from the r
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pflm.aggregator.secagg.masking import Session
 from pflm.aggregator.secagg.options import SecAggConfig
 from pflm.flower.policy import DistributedPolicy
-from pflm.privacy.distributed import params
-from pflm.privacy.distributed.codec import DistributedDPCodec
-from pflm.privacy.distributed.rotation import padded_length, rotation_seed
+
+if TYPE_CHECKING:  # the privacy modules (and, through secure_random, torch) load only for a distributed round:
+    from pflm.privacy.distributed.codec import DistributedDPCodec  # a warm-worker node never imports torch otherwise
 
 
 def honest_shares(session: Session, config: SecAggConfig) -> int:
     """h: honest devices whose shares are in any sum the session lets the server unmask (see module docstring)."""
+    from pflm.privacy.distributed import params
+
     return params.honest_shares(len(session.x_of), session.degree, session.threshold, config.corrupt_fraction)
 
 
 def node_noise_multiplier(cp: dict[str, Any], session: Session, config: SecAggConfig) -> float:
     """√(h·v)/Δ₂: the noise multiplier the honest shares alone guarantee in any unmaskable sum (0 if h < 1)."""
+    from pflm.privacy.distributed import params
+
     return params.honest_noise_multiplier(honest_shares(session, config), float(cp["share_variance"]), float(cp["l2"]))
 
 
 def range_stddevs(cp: dict[str, Any]) -> float:
     """Half the modulus over the std of one coordinate of the sum (signal spread, rounding, every share)."""
+    from pflm.privacy.distributed.rotation import padded_length
+
     n, g, c, v = int(cp["n"]), float(cp["gamma"]), float(cp["clip_bound"]), float(cp["share_variance"])
     d, _ = padded_length(int(cp["dim"]), int(cp["rotation_block"]))
     return 2.0 ** (int(cp["modulus_bits"]) - 1) / math.sqrt(n * n * g * g * c * c / d + n / 4.0 + n * v)
@@ -93,4 +99,7 @@ def refusal(cp: dict[str, Any], policy: DistributedPolicy, session: Session, con
 
 def device_codec(cp: dict[str, Any], seed: int, round_idx: int) -> DistributedDPCodec:
     """The checked codec; its rotation comes from the public (seed, round), never from the server's message."""
+    from pflm.privacy.distributed.codec import DistributedDPCodec
+    from pflm.privacy.distributed.rotation import rotation_seed
+
     return DistributedDPCodec.from_public(cp, rotation_seed(seed, round_idx))
