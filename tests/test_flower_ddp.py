@@ -100,10 +100,15 @@ def test_server_view_minus_noise_free_sum_has_the_calibrated_variance(synthetic_
     v = codec.scale.share_variance
     assert residual.var() == pytest.approx(len(users) * v, rel=0.05)
     assert abs(residual.mean()) < 5 * math.sqrt(len(users) * v / residual.size)
-    # the server's other views: masked vectors look nothing like a device's encoding (top bits uniform)
-    words = np.concatenate([a.numpy()[: codec.rotated] for c in _train_replies(grid)
-                            for a in c.array_records[secure_node.MASKED].values()])
-    top = np.bincount((words >> np.uint32(28)).astype(np.int64), minlength=16)
+    # the server's other views: each masked vector is D·m bits packed + the tail words (the payload), and looks
+    # nothing like a device's encoding (the top 4 of its m bits are uniform)
+    m = codec.scale.modulus_bits
+    bufs = [a.numpy() for c in _train_replies(grid) for a in c.array_records[secure_node.MASKED].values()]
+    assert len(bufs) == len(users)
+    assert all(b.dtype == np.uint8 and b.size == (codec.rotated * m + 7) // 8 + 4 * codec.tail.length for b in bufs)
+    words = np.concatenate([ddp_node.unpack_masked(b, codec.rotated, m, codec.length, np.uint32)[: codec.rotated]
+                            for b in bufs])
+    top = np.bincount((words >> np.uint32(m - 4)).astype(np.int64), minlength=16)
     assert np.sum((top - words.size / 16) ** 2 / (words.size / 16)) < 45  # chi² with 15 d.o.f., P ≈ 7e-5
 
 

@@ -18,13 +18,16 @@ leaves the round, and nothing it holds is sent):
 - a modulus 2^m whose half holds fewer than `min_range_stddevs` standard deviations of a coordinate of the sum
   (√(n²γ²C²/D + n/4 + n·v)): wrap-around would be near-certain.
 The rotation seed is not taken from the server: the device derives it from the run's public seed and the round
-(`rotation_seed`); it is public by design (rotation.py).
+(`rotation_seed`); it is public by design (rotation.py). On the wire a device sends only the low m bits of its masked
+rotated coordinates, bit-packed (`pack_masked`): D·m bits, not D·w.
 """
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pflm.aggregator.secagg.masking import Session
 from pflm.aggregator.secagg.options import SecAggConfig
@@ -103,3 +106,31 @@ def device_codec(cp: dict[str, Any], seed: int, round_idx: int) -> DistributedDP
     from pflm.privacy.distributed.rotation import rotation_seed
 
     return DistributedDPCodec.from_public(cp, rotation_seed(seed, round_idx))
+
+
+# ------------------------------------------------------------------------------------------ the packed wire format
+def pack_masked(y: np.ndarray, rotated: int, m: int) -> np.ndarray:
+    """A distributed round's masked vector as sent: the rotated part's low m bits, bit-packed (⌈rotated·m/8⌉
+    bytes), then the tail words whole. Only Σ mod 2^m of the rotated part is ever decoded, and reduction mod 2^m
+    commutes with the masking (2^m divides the word modulus 2^w), so the high bits carry nothing the server needs:
+    this is what makes the payload D·m bits instead of D·w."""
+    w = y.dtype.itemsize
+    bits = np.unpackbits(np.ascontiguousarray(y[:rotated], dtype=f"<u{w}").view(np.uint8).reshape(rotated, w),
+                         axis=1, bitorder="little")[:, :m]
+    return np.concatenate([np.packbits(bits.reshape(-1), bitorder="little"),
+                           np.ascontiguousarray(y[rotated:]).view(np.uint8)])
+
+
+def unpack_masked(buf: np.ndarray, rotated: int, m: int, length: int, dtype: Any) -> np.ndarray | None:
+    """The server's inverse of `pack_masked`: a word vector whose rotated part holds the low m bits (high bits 0);
+    None when the buffer has the wrong size for the round's layout."""
+    dtype = np.dtype(dtype)
+    head = (rotated * m + 7) // 8
+    if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size != head + (length - rotated) * dtype.itemsize:
+        return None
+    words = np.zeros((rotated, 8 * dtype.itemsize), dtype=np.uint8)
+    words[:, :m] = np.unpackbits(buf[:head], bitorder="little")[: rotated * m].reshape(rotated, m)
+    out = np.zeros(length, dtype=dtype)
+    out[:rotated] = np.packbits(words, axis=1, bitorder="little").view(f"<u{dtype.itemsize}").reshape(-1)
+    out[rotated:] = buf[head:].view(dtype.newbyteorder("<")).astype(dtype)
+    return out

@@ -27,7 +27,7 @@ from flwr.common import log
 from pflm.aggregator.secagg import wire
 from pflm.aggregator.secagg.remote import RemoteSecureAggregator
 from pflm.driver.fanout import RoundTally
-from pflm.flower import codec, shards
+from pflm.flower import codec, ddp_node, shards
 from pflm.flower.secure_node import MASKED, SECAGG, blob_record, read_blob
 from pflm.round import RoundPlan
 
@@ -239,5 +239,12 @@ class SecureRound:
                 pid = int(key)
                 if key not in sent[p] or pid in agg.left or pid in self.nonfinite:
                     continue
-                agg.receive_masked(pid, np.asarray(arr.numpy()))
+                y = np.asarray(arr.numpy())
+                nbytes = y.nbytes
+                if hasattr(agg.codec, "public_params"):  # distributed DP: the rotated part arrives bit-packed
+                    c = agg.codec
+                    y = ddp_node.unpack_masked(y, c.rotated, c.scale.modulus_bits, c.length, agg.session.dtype)
+                    if y is None:
+                        y = np.zeros(0, dtype=np.uint8)  # wrong size: receive_masked drops the device
+                agg.receive_masked(pid, y, nbytes)
 

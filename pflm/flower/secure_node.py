@@ -295,6 +295,8 @@ def train(msg: Message, context: Context, partition: tuple[int, int] | None, thr
                 nonfinite.append(pid)
                 c._failed = "its update is not finite"
                 continue
+            if cp.get("kind") == "distributed":  # only the low m bits of the rotated part travel (D·m bits)
+                y = ddp_node.pack_masked(y, enc_codec.rotated, enc_codec.scale.modulus_bits)
             masked[str(pid)] = Array(np.ascontiguousarray(y))
         except ProtocolViolation as e:
             refused[str(pid)] = str(e)

@@ -179,8 +179,9 @@ class RemoteSecureAggregator(SecureAggregator):
     def mask_list(self, u: int) -> list[int]:
         return self.server.mask_list(u)
 
-    def receive_masked(self, u: int, y: np.ndarray) -> bool:
-        """One device's masked vector (wrong length or type: the device is dropped, not the round)."""
+    def receive_masked(self, u: int, y: np.ndarray, wire_bytes: int | None = None) -> bool:
+        """One device's masked vector (wrong length or type: the device is dropped, not the round); `wire_bytes`:
+        its size as sent when the transport packed it (distributed DP sends D·m bits)."""
         if u not in self.u2 or u in self._contributed or u in self.left:
             return False
         if y.shape != (self.codec.length,) or y.dtype != self.session.dtype:
@@ -190,7 +191,7 @@ class RemoteSecureAggregator(SecureAggregator):
         if not self.server.receive_masked(u, y):
             self._excluded["malformed"] += 1
             return False
-        self._count(u, y.nbytes)
+        self._count(u, y.nbytes if wire_bytes is None else int(wire_bytes))
         self._contributed.add(u)
         self._seen.add(u)
         return True
