@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, Message
 from safetensors.torch import load_file
 
 from pflm.aggregator.secagg.remote import RemoteSecureAggregator
@@ -35,7 +36,13 @@ from tests.test_flower_server import RECIPE, _cfg, _metrics, node_policy_file  #
 
 DDP = {"privacy.mechanism": "distributed_skellam", "aggregation.kind": "secure", "privacy.target_epsilon": 6,
        "privacy.noise_multiplier": "null", "privacy.population": 100000, "server.sampling": "poisson",
-       "server.cohort_size": 9, "server.rounds": 1, "privacy.distributed.bits": 20}
+       "server.cohort_size": 9, "server.rounds": 1, "privacy.distributed.bits": 20,
+       "privacy.distributed.k_stddevs": 6}  # 6 std devs inside the modulus: no coordinate wraps in these tests
+
+
+def _wrapped(v: np.ndarray, m: int) -> np.ndarray:
+    """v reduced mod 2^m into [−2^(m−1), 2^(m−1)): integer sums compared as the server sees them."""
+    return (v + (1 << (m - 1))) % (1 << m) - (1 << (m - 1))
 
 
 def _ddp_cfg(data, tmp_path, policy=None, **extra):
@@ -96,7 +103,7 @@ def test_server_view_minus_noise_free_sum_has_the_calibrated_variance(synthetic_
     assert len(users) == len(agg._contributed) >= 3
     run = subkey(derive_key(cfg.seed), "secagg-rounding")
     quantised = sum(codec.quantise(recorded[u], subkey(run, "upload", 0, u)) for u in users)
-    residual = codec.centred(agg.last_sum) - quantised
+    residual = _wrapped(codec.centred(agg.last_sum) - quantised, codec.scale.modulus_bits)
     v = codec.scale.share_variance
     assert residual.var() == pytest.approx(len(users) * v, rel=0.05)
     assert abs(residual.mean()) < 5 * math.sqrt(len(users) * v / residual.size)
@@ -188,3 +195,33 @@ def test_a_node_requiring_distributed_dp_refuses_a_plain_sum(synthetic_data, tmp
         json.dump(pol, f)
     reasons = _refused_round(cfg)
     assert reasons and all("requires distributed DP" in r for r in reasons)
+
+
+def test_a_malformed_packed_vector_drops_only_that_device(synthetic_data, tmp_path, recorded):
+    """A node sends one device's packed vector truncated (or as 32-bit words): the server drops that device only;
+    the others are unmasked (the dropped device's masks are removed by the protocol) and the released sum is
+    exactly theirs plus their noise."""
+    bad = {}
+
+    def stray(stage, rep, msg, p):
+        if stage != "train" or bad:
+            return None
+        arrays = rep.content.array_records[secure_node.MASKED]
+        key = sorted(arrays)[0]
+        bad[key] = True
+        arrays[key] = Array(arrays[key].numpy()[:-1].copy())
+        return Message(rep.content, reply_to=msg)
+
+    cfg = _ddp_cfg(synthetic_data, tmp_path, **{"privacy.noise_cohort": 9, "aggregation.secagg.threshold": 0.51})
+    sim = flower_driver(cfg, StageGrid([0, 1, 2], 3, stray=stray))
+    m = sim.run_round(0)
+    agg = sim.aggregator
+    assert bad and "failed" not in m, m.get("failed")
+    dropped = agg.user_of[int(next(iter(bad)))]
+    kept = [u for u in recorded if u != dropped]
+    assert len(agg._contributed) == len(kept)
+    run = subkey(derive_key(cfg.seed), "secagg-rounding")
+    codec = agg.codec
+    expect = sum(codec.quantise(recorded[u], subkey(run, "upload", 0, u)) + codec.noise_share(subkey(run, "upload", 0, u))
+                 for u in kept)
+    assert np.array_equal(codec.centred(agg.last_sum), _wrapped(expect, codec.scale.modulus_bits))
