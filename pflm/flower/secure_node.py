@@ -12,7 +12,8 @@ The `train` stage trains the node's users (the same `device_update` as the plain
 update by the codec's rounding slack (`shrink_factor`), encodes it in fixed point with a device-side rounding key and
 masks it — or, with distributed DP, first checks the server's mechanism parameters against the node's policy
 (`pflm.flower.ddp_node`), then rotates, scales, rounds, adds the device's own noise share (keyed by the same
-device key: fresh OS randomness unless the node allows reproducible runs) and masks mod 2^w: the reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
+device key: fresh OS randomness unless the node allows reproducible runs), masks mod 2^w and sends the low m bits
+packed. The reply holds only masked vectors and the pseudonyms of devices whose update was NaN/Inf or that
 refused. Train loss and token counts go into the masked vector as side values (`remote.SIDE_KEYS`).
 """
 
