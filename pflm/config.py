@@ -204,6 +204,9 @@ class ServerConfig:
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
+    # fedavg only: heavy-ball server momentum (FedAvgM): m ← momentum·m + Δ̄, w ← w + lr·m (0 = plain FedAvg).
+    # Linear in the noised updates, so DP-FTRL's correlated noise still cancels in the model (docs/dpftrl.md).
+    momentum: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-3
@@ -219,6 +222,9 @@ class ServerConfig:
         _check(self.cohort_size >= 1, "server.cohort_size must be >= 1")
         _check(self.lr > 0, "server.lr must be > 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "server.beta1/beta2 must be in [0, 1)")
+        _check(0 <= self.momentum < 1, "server.momentum must be in [0, 1) (0 = plain FedAvg)")
+        _check(self.momentum == 0 or self.optimizer == "fedavg",
+               "server.momentum applies to server.optimizer=fedavg (fedadam has beta1); set server.momentum=0")
         _check(self.adam_eps > 0, "server.adam_eps must be > 0")
         _check(self.eval_every >= 1, "server.eval_every must be >= 1")
         _check(self.lora_merge_every >= 0, "server.lora_merge_every must be >= 0 (0 = never)")
