@@ -28,7 +28,7 @@ def load(path: Path) -> dict[str, np.ndarray]:
     d = dict(np.load(path, allow_pickle=True))
     v = d["valid"]
     d["base0"] = np.where(v, d["base"] - np.max(np.where(v, d["base"], -np.inf), axis=1, keepdims=True), -np.inf)
-    d["rank"] = np.broadcast_to(np.log1p(np.arange(v.shape[1]))[None], v.shape).copy()
+    d["lm_rank"] = np.broadcast_to(np.log1p(np.arange(v.shape[1]))[None], v.shape).copy()
     return d
 
 
@@ -42,7 +42,7 @@ def errors(d: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
 
 
 def best_weights(d: dict[str, np.ndarray], feats: list[str]) -> tuple[int, dict[str, float]]:
-    """Grid search (ties: smaller total weight) of one alpha per feature and beta = max(alpha) * g."""
+    """Grid search (ties: smaller total weight) of one alpha per feature ("rank" = log(1 + first-pass rank)) and beta = max(alpha) * g."""
     grid = ALPHAS if len(feats) == 1 else ALPHAS_MULTI
     best: tuple[tuple[int, float], dict[str, float]] | None = None
     for vals in itertools.product(grid, repeat=len(feats)):

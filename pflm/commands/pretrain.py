@@ -59,7 +59,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from pflm.config import load_recipe
-    from pflm.data.store import FederatedData
+    from pflm.data.store import FederatedData, public_manifest
+    from pflm.driver.artifacts import write_run_metadata
     from pflm.model.factory import build_model
     from pflm.evaluation.perplexity import build_eval_set, evaluate
     from pflm.io_utils import atomic_directory
@@ -124,6 +125,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with atomic_directory(out, overwrite=True) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        # recipe, tokenizer and release-safe manifest too, so `pflm rescore --compare OUT` can score the public LM
+        write_run_metadata(tmp, cfg, fd.tokenizer.path, public_manifest(fd.manifest))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out / WEIGHTS_FILE}; start federated fine-tuning with server.init_from={out / WEIGHTS_FILE}")
     if not math.isfinite(history[-1]["heldout_public_perplexity"]):
