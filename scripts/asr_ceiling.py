@@ -56,6 +56,33 @@ def best_weights(d: dict[str, np.ndarray], feats: list[str]) -> tuple[int, dict[
     return best[0][0], best[1]
 
 
+def cross_validate_smoothing(dev: dict[str, np.ndarray], feat: str, ks=(0, 1, 2), repeats: int = 20,
+                             seed: int = 0) -> dict[int, float]:
+    """Held-out-half dev WER of `RescoreConfig.smooth` = k, by 2-fold CV inside the dev set (random halvings).
+
+    Uses the default grid of `pflm rescore` and its own `_smoothed_choice`, so the tuning rule is chosen on dev only.
+    """
+    from pflm.evaluation.rescore import DEFAULT_ALPHA_GRID, DEFAULT_BETA_PER_ALPHA, _smoothed_choice
+
+    pairs = [(a, round(a * g, 12) + 0.0) for a in DEFAULT_ALPHA_GRID for g in DEFAULT_BETA_PER_ALPHA]
+    pairs = list(dict.fromkeys(pairs))
+    per_utt = np.stack([errors(dev, {f"lm_{feat}": a, "words": b}) for a, b in pairs])  # [pairs, utterances]
+    rng = np.random.default_rng(seed)
+    n = per_utt.shape[1]
+    held = {k: 0 for k in ks}
+    words = 0
+    for _ in range(repeats):
+        perm = rng.permutation(n)
+        for fit, ev in ((perm[: n // 2], perm[n // 2 :]), (perm[n // 2 :], perm[: n // 2])):
+            results = [(int(e), a, b) for e, (a, b) in zip(per_utt[:, fit].sum(axis=1), pairs)]
+            plain = min(results, key=lambda r: (r[0], abs(r[1]), abs(r[2])))
+            for k in ks:
+                _, a, b = _smoothed_choice(results, k) if k else plain
+                held[k] += int(per_utt[pairs.index((a, b)), ev].sum())
+            words += int(dev["ref_words"][ev].sum())
+    return {k: held[k] / words for k in ks}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--feat", required=True, help="directory of asr_features.py .npz files")
@@ -63,6 +90,7 @@ def main() -> int:
     ap.add_argument("--test", action="append", required=True)
     ap.add_argument("--system", action="append", required=True, help="LM names joined by '+', e.g. dp+ps3")
     ap.add_argument("--json")
+    ap.add_argument("--cv-smooth", action="store_true", help="also cross-validate --smooth 0/1/2 inside dev")
     args = ap.parse_args()
     feat = Path(args.feat)
     dev = load(feat / f"{args.dev}.npz")
@@ -90,6 +118,12 @@ def main() -> int:
                   f"test-tuned ceiling {100 * ub / n:.2f}% ({100 * (1 - ub / first):+.1f}%) | "
                   f"LM alone {100 * lm_only / n:.2f}%", flush=True)
         rows.append(row)
+    if args.cv_smooth:
+        for system in args.system:
+            if "+" not in system:
+                cv = cross_validate_smoothing(dev, system)
+                print(f"{system:>12} dev 2-fold CV held-out WER: " + ", ".join(
+                    f"smooth {k}: {100 * v:.3f}%" for k, v in cv.items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
