@@ -77,6 +77,8 @@ def test_bad_extra_test_spec_exits_2(tmp_path, fake_lm_scorer):  # noqa: F811
                  "--extra-test", "no-equals-sign"]) == 2
     assert main(["rescore", "--checkpoint", str(tmp_path), "--dev", str(dev), "--test", str(dev),
                  "--interpolate"]) == 2
+    assert main(["rescore", "--checkpoint", str(tmp_path), "--dev", str(dev), "--test", str(dev),
+                 "--smooth", "-1"]) == 2
 
 
 def test_rare_word_coverage_bounds_recall():
