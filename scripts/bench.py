@@ -77,7 +77,7 @@ PRESETS: dict[str, dict] = {
              "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "variant_budget_s": 30, "eval_users": 3,
              "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
 }
-SECTIONS = ("floor", "flower", "scaling", "parallel", "variants", "eval", "ttp")  # "floor" includes the FLOPs/peak report
+SECTIONS = ("floor", "flower", "scaling", "parallel", "vectorize", "variants", "eval", "ttp")  # "floor" includes the FLOPs/peak report
 
 
 def load() -> float:
@@ -259,6 +259,20 @@ def parallel_gain(mk, round_idx: int, repeats: int, threads: int, workers: list[
             "load_avg": [la, load()]}
 
 
+def vectorize_gain(mk, round_idx: int, repeats: int, groups: list[int]) -> dict:
+    """Round time of the same cohort with devices trained one at a time (device.vectorize=1) and G at a time
+    (pflm.device.vectorized), interleaved after a warm-up: devices per second before and after (issue 21)."""
+    sims = {g: Simulator(mk({"device.vectorize": g})) for g in groups}
+    cohort = len(sims[groups[0]].server.plan_round(round_idx).cohort)
+    fns = {f"vectorize={g}": (lambda s=s: timed_round(s, round_idx)) for g, s in sims.items()}
+    la = load()
+    t = interleaved(fns, 1, repeats)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    base = med[f"vectorize={groups[0]}"]
+    return {"cohort": cohort, "seconds": med, "runs": t, "devices_per_second": {k: cohort / v for k, v in med.items()},
+            "speedup": {k: base / v for k, v in med.items()}, "load_avg": [la, load()]}
+
+
 def eval_speed(sim: Simulator, repeats: int) -> dict:
     es = sim.val_set
     evaluate(sim.server.model, es)
@@ -321,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="timed repeats of each compared run (default: the preset's)")
     ap.add_argument("--variant-cohorts", help="comma list of cohort sizes for the variants section (default: the preset's)")
     ap.add_argument("--variants", default="peu_lora_nce,dpsgd,dpsgd_opacus_lstm", help="variants section: which ones")
+    ap.add_argument("--groups", default="8,32", help="vectorize section: devices per batched computation")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
@@ -387,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["scaling_round_over_floor_spread"] = max(ratios) / min(ratios)
     if "parallel" in sections:
         doc["parallel"] = parallel_gain(mk, args.round, p["repeats"], args.threads, sorted({1, args.threads}))
+    if "vectorize" in sections:
+        doc["vectorize"] = vectorize_gain(mk, args.round, p["repeats"], [1, *[int(g) for g in args.groups.split(",")]])
     if "variants" in sections:
         doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
                            for v in args.variants.split(",")}
