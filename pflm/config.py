@@ -55,7 +55,6 @@ class DeviceConfig:
         _check(self.num_samples >= 1, "device.num_samples must be >= 1")
         _check(0 <= self.unigram_alpha <= 1, "device.unigram_alpha must be in [0, 1]")
         _check(self.vectorize >= 1, "device.vectorize must be >= 1 (1 = one device at a time)")
-        _check(self.accelerator in ("cpu", "cuda"), "device.accelerator must be cpu or cuda")
 
 
 @dataclass

@@ -93,7 +93,7 @@ class VectorizedDevices:
     def _loss(self, train: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], x: torch.Tensor,
               y: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
         p = {**frozen, **train}
-        h = F.embedding(x, p["embedding.weight"])
+        h = p["embedding.weight"][x]  # indexing: a scatter-add backward (F.embedding's vmap rule is dense)
         for k in range(self.layers):
             w = {kind: p[f"rnn.weight_{kind}_l{k}"] for kind in ("ih", "hh")}
             for kind in ("ih", "hh"):
