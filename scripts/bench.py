@@ -35,6 +35,13 @@ from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DEV = torch.device("cpu")  # --accelerator: where the floor, the matmul peak and every round compute
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock times cover it (no-op on the CPU)."""
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 # The issue-10 workload: chitchat word LM (10k vocab), 1-layer LSTM 128/256, untied softmax, cohort 50,
 # 1 local epoch, batch 16, sentences truncated to 20 tokens, SGD on device, FedAvg, clipping at 0.5, no noise.
@@ -124,7 +131,7 @@ class Floor:
         if cfg.model.arch != "lstm" or cfg.model.tie_embeddings or cfg.model.lora.enabled or cfg.dpsgd.enabled \
                 or cfg.device.loss != "full" or cfg.device.optimizer != "sgd" or cfg.device.momentum:
             raise ValueError("the floor is defined for the untied full-softmax LSTM trained with plain SGD")
-        self.model = build_model(cfg.model, sim.vocab_size)
+        self.model = build_model(cfg.model, sim.vocab_size).to(DEV)
         self.model.load_state_dict(sim.server.model.state_dict())
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.device.lr)
 
@@ -139,6 +146,7 @@ class Floor:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        sync()
         return time.perf_counter() - t0
 
 
@@ -148,14 +156,16 @@ def matmul_peak(threads: int, shapes: list[tuple[int, int, int]], repeats: int =
     torch.set_num_threads(threads)
     out: dict = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=DEV), torch.randn(k, n, device=DEV)
         torch.mm(a, b)  # warm-up (allocation, thread pool)
+        sync()
         reps = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
         best = 0.0
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b)
+            sync()
             best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
         out[f"{m}x{k}x{n}"] = best
     return {"gflops_by_shape": out, "peak_gflops": max(out.values()), "threads": threads, "load_avg": load()}
@@ -178,6 +188,7 @@ def flops_report(cfg: RecipeConfig, vocab_size: int, target_tokens: int, seconds
 def timed_round(sim: Simulator, round_idx: int) -> float:
     t0 = time.perf_counter()
     m = sim.run_round(round_idx)
+    sync()
     if "failed" in m:
         raise RuntimeError(f"round failed: {m['failed']}")
     return time.perf_counter() - t0
@@ -200,6 +211,7 @@ def work(batches: list[Batch]) -> dict[str, int]:
 
 def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int, threads: int) -> dict:
     cohort, batches = cohort_batches(sim, round_idx)
+    batches = [tuple(t.to(DEV) for t in b) for b in batches]  # type: ignore[misc]
     floor = Floor(sim, threads)
     la = load()
     t = interleaved({"floor": lambda: floor.train(batches), "round": lambda: timed_round(sim, round_idx)}, warmup, repeats)
@@ -247,6 +259,7 @@ def parallel_gain(mk, round_idx: int, repeats: int, threads: int, workers: list[
     interleaved, next to the floor on all threads: what training several simulated devices at once gains."""
     sims = {w: Simulator(mk({"device_workers": w})) for w in workers}
     _, batches = cohort_batches(sims[workers[0]], round_idx)
+    batches = [tuple(t.to(DEV) for t in b) for b in batches]  # type: ignore[misc]
     floor = Floor(sims[workers[0]], threads)
     fns = {"floor": lambda: floor.train(batches)}
     fns.update({f"device_workers={w}": (lambda s=s: timed_round(s, round_idx)) for w, s in sims.items()})
@@ -336,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant-cohorts", help="comma list of cohort sizes for the variants section (default: the preset's)")
     ap.add_argument("--variants", default="peu_lora_nce,dpsgd,dpsgd_opacus_lstm", help="variants section: which ones")
     ap.add_argument("--groups", default="8,32", help="vectorize section: devices per batched computation")
+    ap.add_argument("--accelerator", default="cpu", choices=("cpu", "cuda"), help="cuda: floor, peak and rounds on "
+                    "the GPU (device.accelerator=cuda; scripts/gpu_check.sh)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
@@ -349,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown section(s) {bad}; choose from {list(SECTIONS)}")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
+    global DEV
+    DEV = torch.device(args.accelerator)
     fast = dict(FAST)
     fast.update(dict(kv.split("=", 1) for kv in args.fast.split()))
     tmp = tempfile.mkdtemp(prefix="pflm_bench_")
@@ -356,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def mk(*layers: dict) -> RecipeConfig:
         return make_recipe(data, tmp, args.threads, p["model"], {"data.val_users": p["eval_users"],
-                           "server.cohort_size": p["cohort"], "device_workers": args.device_workers}, *layers)
+                           "server.cohort_size": p["cohort"], "device_workers": args.device_workers,
+                           "device.accelerator": args.accelerator}, *layers)
 
     doc: dict = {"preset": args.preset, "data": data, "threads": args.threads, "device_workers": args.device_workers,
+                 "accelerator": args.accelerator,
                  "torch": torch.__version__,
                  "cpu_count": os.cpu_count(), "round": args.round, "command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
                  "load_avg_start": list(os.getloadavg()), "recipe": {**BASE, **p["model"], "server.cohort_size": p["cohort"]}}
