@@ -15,3 +15,9 @@ class DataError(PflmError):
 
 class AggregationFailed(PflmError):
     """A round's aggregation could not complete safely; the global model and accountant stay untouched."""
+
+
+class NoContributions(AggregationFailed):
+    """No device's update reached the aggregate this round: the sum is over an empty set. Without DP the round
+    fails; a central-DP run releases noise on the zero sum instead (whether anyone contributed — e.g. every
+    update was NaN — is a fact about the users' data, so it must not decide whether a release happens)."""

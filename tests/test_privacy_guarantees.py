@@ -140,6 +140,91 @@ def test_metrics_hold_only_released_values(synthetic_data, tmp_path):
     assert "fraction_clipped" in json.loads(lines[1]) and "train_loss" in json.loads(lines[1])
 
 
+def _all_updates_nan_in_round(sim: Simulator, monkeypatch, round_idx: int) -> None:
+    """The adversary's lever: data that makes training diverge (every update of the round NaN)."""
+    real_train, real_round = sim.fanout.trainer.train, sim.run_round
+    current = {}
+
+    def run_round(r):
+        current["r"] = r
+        return real_round(r)
+
+    def train(user_id, sentences, device_key):
+        res = real_train(user_id, sentences, device_key)
+        if current["r"] == round_idx:
+            res.update[0] = float("nan")
+        return res
+
+    monkeypatch.setattr(sim, "run_round", run_round)
+    monkeypatch.setattr(sim.fanout.trainer, "train", train)
+
+
+@pytest.mark.parametrize("aggregation", ["plain", "secure"])
+def test_a_round_where_nobody_contributes_is_still_a_noised_charged_release(synthetic_data, tmp_path, monkeypatch,
+                                                                            aggregation):
+    """Whether any update reached the sum is a fact about the users' data (here: it all diverged). Before the fix
+    the round "failed": metrics said so and ε did not move, so an observer learned it. Now Σ over the empty set
+    (= 0) gets the usual noise and charge, and the published rows look like any other round's."""
+    kw = {"server.rounds": 3, "aggregation.kind": aggregation, "server.cohort_size": 6, "server.eval_every": 5}
+    sim = _sim(synthetic_data, tmp_path / "nan", **kw)
+    _all_updates_nan_in_round(sim, monkeypatch, 1)
+    before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
+    sim.run(progress=False)
+    rows = _metrics(tmp_path / "nan" / "tiny_synthetic")
+    assert [m["round"] for m in rows] == [0, 1, 2] and all("failed" not in m for m in rows)
+    assert set(rows[1]) == set(rows[0])  # the same published keys as a normal round
+    eps = [m["epsilon"] for m in rows]
+    assert eps[0] < eps[1] < eps[2]  # round 1 was charged like the others
+    sim_ok = _sim(synthetic_data, tmp_path / "ok", **kw)
+    sim_ok.run(progress=False)
+    assert [m["epsilon"] for m in _metrics(tmp_path / "ok" / "tiny_synthetic")] == eps
+    after = sim.server.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_without_dp_a_round_without_contributions_still_fails(synthetic_data, tmp_path, monkeypatch):
+    sim = _sim(synthetic_data, tmp_path, **{"privacy.noise_multiplier": 0.0, "server.rounds": 1})
+    _all_updates_nan_in_round(sim, monkeypatch, 0)
+    before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
+    m = sim.run_round(0)
+    assert "failed" in m and sim.server.rounds_done == 0
+    assert all(torch.equal(v, before[k]) for k, v in sim.server.model.state_dict().items())
+
+
+# Keys of metrics.jsonl that may differ between rounds: noised releases, their post-processing, and public values.
+VARYING_OK = {"round", "epsilon", "update_norm", "noise_norm_mean", "seconds", "val_perplexity",
+              "val_word_perplexity", "clip_bound", "next_clip_bound", "noisy_unclipped_fraction"}
+
+
+def test_secure_dp_metrics_do_not_reveal_the_realised_cohort_size(synthetic_data, tmp_path):
+    """The SecAgg encoding step (and every protocol count) is a function of the realised Poisson cohort; it used to
+    be published as `secagg_quant_step`, from which the adversary reads the cohort size of each round."""
+    _sim(synthetic_data, tmp_path, **{"aggregation.kind": "secure", "server.rounds": 6, "diagnostics": "true",
+                                      "server.eval_every": 100}).run(progress=False)
+    run = tmp_path / "tiny_synthetic"
+    cohorts = [json.loads(x)["cohort"] for x in (run / DIAGNOSTICS_FILE).read_text().splitlines()[1:]]
+    assert len(set(cohorts)) > 1, "Poisson cohorts should vary in size (else the test proves nothing)"
+    rows = _metrics(run)
+    for key in set().union(*rows) - VARYING_OK:
+        assert len({json.dumps(m.get(key)) for m in rows}) == 1, f"{key} varies with the realised cohort"
+
+
+def test_a_failed_round_publishes_no_counts(synthetic_data, tmp_path, monkeypatch):
+    """A SecAgg failure message names survivor and cohort counts; metrics.jsonl gets a fixed text instead."""
+    sim = _sim(synthetic_data, tmp_path, **{"aggregation.kind": "secure", "server.rounds": 1, "diagnostics": "true"})
+    from pflm.errors import AggregationFailed
+
+    def fail():
+        raise AggregationFailed("only 2 of 7 devices completed key sharing, fewer than the threshold 4")
+
+    monkeypatch.setattr(sim.aggregator, "finalize", fail)
+    sim.run(progress=False)
+    run = tmp_path / "tiny_synthetic"
+    published = (run / "metrics.jsonl").read_text()
+    assert "failed" in published and not any(ch.isdigit() for ch in json.loads(published)["failed"])
+    assert "of 7 devices" in (run / DIAGNOSTICS_FILE).read_text()
+
+
 # ---- 6. resume never re-releases a round -----------------------------------------------------------------------
 def _crash_at(sim: Simulator, monkeypatch, round_idx: int) -> None:
     real = sim.run_round

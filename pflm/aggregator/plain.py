@@ -6,7 +6,7 @@ import torch
 
 from pflm.aggregator.base import Aggregator
 from pflm.round import AggregateResult, RoundContext, Upload
-from pflm.errors import AggregationFailed
+from pflm.errors import AggregationFailed, NoContributions
 
 
 class PlainSumAggregator(Aggregator):
@@ -60,6 +60,6 @@ class PlainSumAggregator(Aggregator):
     def finalize(self) -> AggregateResult:
         assert self._total is not None
         if self._count == 0:
-            raise AggregationFailed("no device contributed an update this round")
+            raise NoContributions("no device contributed an update this round")
         metrics = {"rejected_uploads": float(self._rejected)} if self._rejected else {}
         return AggregateResult(self._total, self._weight, self._count, dict(self._aux), metrics)

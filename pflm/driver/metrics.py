@@ -19,9 +19,11 @@ from typing import IO, Any
 RELEASED = frozenset({
     "round", "epsilon", "noise_std_sum", "noise_std_mean", "noise_norm_mean", "update_norm",
     "clip_bound", "next_clip_bound", "noisy_unclipped_fraction", "count_noise_std",
-    "val_perplexity", "val_word_perplexity", "seconds", "failed", "releases_of_round", "secagg_quant_step",
-    "recipe_changes",
+    "val_perplexity", "val_word_perplexity", "seconds", "failed", "releases_of_round", "recipe_changes",
 })
+# SecAgg's encoding step and protocol messages are functions of the realised cohort size (private under Poisson
+# sampling): the released "failed" value is this fixed text, the exact reason goes to the diagnostics.
+FAILED_PUBLIC = "aggregation failed safely: nothing was released this round"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 DIAGNOSTICS_HEADER = ("# NOT PRIVATE: exact per-round values computed from the training users' data without DP "
                       "noise; they are NOT covered by the run's epsilon. Never publish this file.\n")
@@ -33,6 +35,8 @@ def split_metrics(m: dict, private: bool) -> tuple[dict, dict]:
         return dict(m), {}
     released = {k: v for k, v in m.items() if k in RELEASED}
     rest = {k: v for k, v in m.items() if k not in RELEASED}
+    if "failed" in m:
+        released["failed"], rest["failed_reason"] = FAILED_PUBLIC, m["failed"]
     if rest:
         rest = {"round": m["round"], **rest}
     return released, rest

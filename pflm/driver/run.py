@@ -28,11 +28,11 @@ from pflm.driver.fanout import DeviceFanout
 from pflm.driver.metrics import DIAGNOSTICS_FILE, RELEASED, RoundLog
 from pflm.driver.recipe_check import recipe_changes
 from pflm.driver.tensorboard import TensorBoardLog
-from pflm.errors import AggregationFailed, PflmError
+from pflm.errors import AggregationFailed, NoContributions, PflmError
 from pflm.evaluation.perplexity import evaluate, load_eval_set, unigram_baseline
 from pflm.io_utils import atomic_write_json, atomic_write_text
 from pflm.privacy.mechanism import check_data_privacy
-from pflm.round import RoundPlan
+from pflm.round import AggregateResult, RoundPlan
 from pflm.runtime import torch_threads
 from pflm.server.ledger import ReleaseLedger
 from pflm.server.run_key import load_or_create_run_key
@@ -145,6 +145,13 @@ class RunDriver:
         aggregation leaves model and accountant untouched."""
         try:
             result = self.aggregator.finalize()
+        except NoContributions as e:
+            if not self._releases_empty_sums():
+                m.update({"failed": str(e), "seconds": time.perf_counter() - t0})
+                return m
+            # Central DP releases Σ over the cohort + noise every round; over an empty set Σ = 0. Failing here
+            # instead would publish "nobody contributed" (e.g. every update NaN), a fact about the data.
+            result = AggregateResult(torch.zeros(plan.ctx.dim), 0.0, 0)
         except AggregationFailed as e:
             m.update({"failed": str(e), "seconds": time.perf_counter() - t0})
             return m
@@ -155,6 +162,12 @@ class RunDriver:
         m["train_loss"] = losses / max(tokens, 1)
         m["seconds"] = time.perf_counter() - t0
         return m
+
+    def _releases_empty_sums(self) -> bool:
+        """Whether a round without contributions is still released: with central noise, yes (the server adds
+        the noise); with distributed noise the devices add it, so an empty round has nothing to release."""
+        privacy = self.server.privacy
+        return privacy.private and getattr(privacy, "distributed", None) is None
 
     def run(self, progress: bool = True) -> dict:
         cfg = self.cfg

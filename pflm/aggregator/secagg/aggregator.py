@@ -39,7 +39,7 @@ from pflm.aggregator.secagg.masking import MaskStream, Session, word_dtype
 from pflm.aggregator.secagg.messages import DeviceIdentity, DeviceRegistry
 from pflm.aggregator.secagg.params import SecAggParameters
 from pflm.aggregator.secagg.protocol import SecAggServer, key_sharing_survivors, recovery_problem
-from pflm.errors import AggregationFailed
+from pflm.errors import AggregationFailed, NoContributions
 from pflm.runtime import resolve_workers
 from pflm.secure_random import subkey
 
@@ -132,8 +132,8 @@ class SecureAggregator(Aggregator):
         n = len(cohort)
         self._seed = ctx.seed if self.run_seed is None else self.run_seed
         self.plan = dropout_plan(cfg, self._seed, ctx.round, cohort)
-        if n < 3:
-            self._failure = f"secure aggregation needs a cohort of at least 3 devices, got {n}"
+        if n < 3:  # an empty cohort is an empty sum (NoContributions at finalize), not a protocol failure
+            self._failure = "" if n == 0 else f"secure aggregation needs a cohort of at least 3 devices, got {n}"
             return
         if not (math.isfinite(ctx.clip_bound) and ctx.clip_bound > 0):
             self._failure = f"the clip bound must be finite and > 0 to fix the encoding scale, got {ctx.clip_bound}"
@@ -336,11 +336,13 @@ class SecureAggregator(Aggregator):
     def finalize(self) -> AggregateResult:
         if self.ctx is None:
             raise AggregationFailed("SecureAggregator.finalize called before begin()")
+        if self._failure == "":
+            raise NoContributions("the cohort of this round is empty")
         if self._failure is not None:
             raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {self._failure}")
         u3 = set(self._contributed)
         if not u3 or self.codec is None:
-            raise AggregationFailed("no device contributed an update this round")
+            raise NoContributions("no device contributed an update this round")
         responders = {v for v in u3 if self.plan.get(v) != "unmask"}
         complaints = self.server.complaints if self.server is not None else None
         problem = recovery_problem(self.graph, self.u2, u3, responders, self.threshold, complaints)

@@ -40,7 +40,7 @@ from pflm.aggregator.secagg.messages import (
     UnmaskResponse,
 )
 from pflm.aggregator.secagg.protocol import SecAggServer, recovery_problem
-from pflm.errors import AggregationFailed
+from pflm.errors import AggregationFailed, NoContributions
 
 SIDE_LOSS = "side.loss_sum"  # Σ train loss × tokens
 SIDE_TOKENS = "side.tokens"  # Σ tokens
@@ -81,6 +81,7 @@ class RemoteSecureAggregator(SecureAggregator):
         self.nonfinite = 0
         self._result: AggregateResult | None = None
         self._decoded_failure: str | None = None
+        self._empty = False  # nobody's masked input arrived: an empty sum (NoContributions), not a failure
         pctx = RoundContext(ctx.round, ctx.dim, sorted(perm), ctx.clip_bound, ctx.seed, dict(ctx.extra))
         self.registry = DeviceRegistry()  # this round's pseudonym → long-term key (malicious variant)
         super().begin(pctx)
@@ -206,11 +207,12 @@ class RemoteSecureAggregator(SecureAggregator):
 
     def finish(self, responses: dict[int, UnmaskResponse]) -> None:
         """Unmask and decode; the result (or the reason it failed) is kept for `finalize`."""
+        if self._failure == "" or (self._failure is None and not self._contributed):
+            self._empty = True
+            return
         try:
             if self._failure is not None:
                 raise AggregationFailed(self._failure)
-            if not self._contributed:
-                raise AggregationFailed("no device contributed an update this round")
             for v, r in responses.items():
                 self._count(v, r.nbytes)
             if self.left and not responses:
@@ -258,6 +260,8 @@ class RemoteSecureAggregator(SecureAggregator):
     def finalize(self) -> AggregateResult:
         if self.ctx is None:
             raise AggregationFailed("RemoteSecureAggregator.finalize called before begin()")
+        if self._empty or self._failure == "":
+            raise NoContributions("no device contributed an update this round")
         if self._failure is not None and self._decoded_failure is None:
             raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {self._failure}")
         if self._decoded_failure is not None:
