@@ -290,6 +290,8 @@ class RecipeConfig:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")
         _check(self.threads >= 0, "threads must be >= 0 (0 = every CPU)")
         _check(self.device_workers >= 0, "device_workers must be >= 0 (0 = one simulated device per thread)")
+        _check(self.device.vectorize == 1 or self.backend == "inprocess",
+               "device.vectorize > 1 batches simulated devices in-process; set device.vectorize=1 with backend=flower")
         if self.privacy.mechanism == "dpftrl":
             _check(self.server.sampling == "available",
                    "privacy.mechanism=dpftrl assumes no secret sampling: set server.sampling=available (cohorts from "

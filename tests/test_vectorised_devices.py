@@ -82,6 +82,8 @@ def test_refuses_what_it_cannot_train():
             check_vectorizable(DeviceSpec.from_recipe(recipe(**extra), VOCAB))
     with pytest.raises(ConfigError, match="device.vectorize must be >= 1"):
         recipe(**{"device.vectorize": 0})
+    with pytest.raises(ConfigError, match="backend=flower"):
+        recipe(**{"device.vectorize": 4, "backend": "flower"})
 
 
 def test_round_with_clipping_matches_sequential(synthetic_data, tmp_path):
