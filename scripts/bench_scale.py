@@ -67,6 +67,45 @@ def child(data: str, cohort: int, threads: int, workers: int) -> dict:
             "recipe": {**BASE, **PRESETS["default_recipe"]["model"], "server.cohort_size": cohort}}
 
 
+def interleaved(data: str, cohorts: list[int], threads: int, rounds: int) -> dict:
+    """Linearity under load: every cohort's simulator in ONE process, rounds timed in turn (c1, c2, c3, c1, ...)
+    after a warm-up round each, so load drift hits all cohorts alike; per cohort the medians of seconds per
+    device and per sentence (peak RSS is the fresh-process mode's job)."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import PRESETS, make_recipe
+
+    from pflm.simulation.simulator import Simulator
+
+    torch.set_num_threads(threads)
+    tmp = tempfile.mkdtemp(prefix="pflm_scale_")
+    sims = {c: Simulator(make_recipe(data, tmp, threads, PRESETS["default_recipe"]["model"],
+                                     {"server.cohort_size": c, "device_workers": 1, "data.val_users": 10}))
+            for c in cohorts}
+    for sim in sims.values():
+        sim.run_round(0)
+    runs: dict[int, list[dict]] = {c: [] for c in cohorts}
+    for r in range(1, rounds + 1):
+        for c, sim in sims.items():
+            counts = sim.fd.split("train").counts
+            cap = sim.cfg.data.max_sentences_per_device
+            sentences = int(sum(min(int(counts[u]), cap) for u in sim.server.plan_round(r).cohort))
+            la = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            sim.run_round(r)
+            secs = time.perf_counter() - t0
+            runs[c].append({"round": r, "seconds": secs, "sentences": sentences, "load_avg": la})
+    out = {}
+    for c, rs in runs.items():
+        out[str(c)] = {"runs": rs, "seconds_per_device": statistics.median(x["seconds"] / c for x in rs),
+                       "ms_per_sentence": statistics.median(1e3 * x["seconds"] / x["sentences"] for x in rs)}
+    per = [v["ms_per_sentence"] for v in out.values()]
+    return {"cohorts": out, "ms_per_sentence_spread": max(per) / min(per)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="a prepared store (e.g. 1M synthetic users, prepared --stream)")
@@ -74,8 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device-workers", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--interleave", type=int, default=0, help="instead: N timed rounds per cohort, interleaved in "
+                    "one process (the linearity check under load)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.interleave:
+        doc = {"command": " ".join(["scripts/bench_scale.py", *sys.argv[1:]]), "load_avg_start": list(os.getloadavg()),
+               **interleaved(args.data, [int(x) for x in args.cohorts.split(",")], args.threads, args.interleave),
+               "load_avg_end": list(os.getloadavg())}
+        text = json.dumps(doc, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+        return 0
     if args.child:
         print(json.dumps(child(args.data, args.child, args.threads, args.device_workers)))
         return 0
