@@ -30,9 +30,11 @@ from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.evaluation.perplexity import evaluate
 from pflm.io_utils import atomic_write_text
 from pflm.model.factory import build_model
-from pflm.model.flops import lstm_layer_flops, training_flops_per_token
 from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_peak import flops_report, matmul_peak  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 DEV = torch.device("cpu")  # --accelerator: where the floor, the matmul peak and every round compute
@@ -148,41 +150,6 @@ class Floor:
             opt.step()
         sync()
         return time.perf_counter() - t0
-
-
-def matmul_peak(threads: int, shapes: list[tuple[int, int, int]], repeats: int = 5) -> dict:
-    """The machine's achievable float32 matrix-product rate on `threads` threads: best GFLOP/s over `repeats`
-    runs of torch.mm for each (m, k, n) shape (a square one and the workload's own output-layer product)."""
-    torch.set_num_threads(threads)
-    out: dict = {}
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=DEV), torch.randn(k, n, device=DEV)
-        torch.mm(a, b)  # warm-up (allocation, thread pool)
-        sync()
-        reps = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
-        best = 0.0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b)
-            sync()
-            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-        out[f"{m}x{k}x{n}"] = best
-    return {"gflops_by_shape": out, "peak_gflops": max(out.values()), "threads": threads, "load_avg": load()}
-
-
-def flops_report(cfg: RecipeConfig, vocab_size: int, target_tokens: int, seconds: dict[str, float], peak: dict) -> dict:
-    """Analytic FLOPs of the round (valid target tokens x per-token training FLOPs, pflm.model.flops), the
-    achieved GFLOP/s of each timed run and its share of the measured matmul peak."""
-    per_token = training_flops_per_token(cfg.model, vocab_size)
-    total = per_token * target_tokens
-    rates = {k: total / v / 1e9 for k, v in seconds.items()}
-    return {"flops_per_token": per_token,
-            "flops_per_token_by_layer": {x.name: x.total for x in lstm_layer_flops(cfg.model, vocab_size)},
-            "target_tokens": target_tokens, "round_flops": total, "gflops": rates, "peak": peak,
-            "percent_of_peak": {k: 100.0 * r / peak["peak_gflops"] for k, r in rates.items()},
-            "counted": "matrix products only (2 FLOPs per multiply-add); elementwise work, padding and the "
-                       "optimizer are not counted"}
 
 
 def timed_round(sim: Simulator, round_idx: int) -> float:
@@ -394,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_secs[p["cohort"]] = res["floor_seconds"]
         per_batch = max(1, res["target_tokens"] // max(res["steps"], 1))  # the output layer's rows per step
         peak = matmul_peak(args.threads, [(2048, 2048, 2048), (per_batch, base_sim.cfg.model.output_dim,
-                                                                base_sim.vocab_size)])
+                                                                base_sim.vocab_size)], dev=DEV)
         doc["flops"] = flops_report(base_sim.cfg, base_sim.vocab_size, res["target_tokens"],
                                     {"floor": res["floor_seconds"], "round": res["round_seconds"]}, peak)
     if "flower" in sections:  # a plain Flower FedAvg app on the same per-device batches (scripts/flower_baseline.py)
