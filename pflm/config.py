@@ -44,6 +44,8 @@ class DeviceConfig:
     num_samples: int = 256  # noise words per batch for sampled_softmax / nce
     unigram_alpha: float = 0.75  # noise distribution ∝ count^alpha
     train_embeddings: bool = True  # with LoRA: also train (the selected rows of) the embeddings/output
+    vectorize: int = 1  # devices trained as one batched computation (pflm.device.vectorized); 1 = one at a time
+    accelerator: Literal["cpu", "cuda"] = "cpu"  # where the device trainer computes (cuda: needs a CUDA torch + GPU)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "device.epochs must be >= 1")
@@ -52,6 +54,7 @@ class DeviceConfig:
         _check(0 <= self.momentum < 1, "device.momentum must be in [0, 1)")
         _check(self.num_samples >= 1, "device.num_samples must be >= 1")
         _check(0 <= self.unigram_alpha <= 1, "device.unigram_alpha must be in [0, 1]")
+        _check(self.vectorize >= 1, "device.vectorize must be >= 1 (1 = one device at a time)")
 
 
 @dataclass
@@ -204,6 +207,9 @@ class ServerConfig:
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
+    # fedavg only: heavy-ball server momentum (FedAvgM): m ← momentum·m + Δ̄, w ← w + lr·m (0 = plain FedAvg).
+    # Linear in the noised updates, so DP-FTRL's correlated noise still cancels in the model (docs/dpftrl.md).
+    momentum: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-3
@@ -219,6 +225,9 @@ class ServerConfig:
         _check(self.cohort_size >= 1, "server.cohort_size must be >= 1")
         _check(self.lr > 0, "server.lr must be > 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "server.beta1/beta2 must be in [0, 1)")
+        _check(0 <= self.momentum < 1, "server.momentum must be in [0, 1) (0 = plain FedAvg)")
+        _check(self.momentum == 0 or self.optimizer == "fedavg",
+               "server.momentum applies to server.optimizer=fedavg (fedadam has beta1); set server.momentum=0")
         _check(self.adam_eps > 0, "server.adam_eps must be > 0")
         _check(self.eval_every >= 1, "server.eval_every must be >= 1")
         _check(self.lora_merge_every >= 0, "server.lora_merge_every must be >= 0 (0 = never)")
@@ -287,6 +296,8 @@ class RecipeConfig:
         _check(bool(self.name) and "/" not in self.name, "name must be a non-empty run name without '/'")
         _check(self.threads >= 0, "threads must be >= 0 (0 = every CPU)")
         _check(self.device_workers >= 0, "device_workers must be >= 0 (0 = one simulated device per thread)")
+        _check(self.device.vectorize == 1 or self.backend == "inprocess",
+               "device.vectorize > 1 batches simulated devices in-process; set device.vectorize=1 with backend=flower")
         if self.privacy.mechanism == "dpftrl":
             _check(self.server.sampling == "available",
                    "privacy.mechanism=dpftrl assumes no secret sampling: set server.sampling=available (cohorts from "

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pflm.evaluation.compare import LMSource, compare  # noqa: E402
 from pflm.evaluation.compare_report import format_lines, to_json, write_plot  # noqa: E402
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
+from pflm.evaluation.rescore import RescoreConfig  # noqa: E402
 from pflm.evaluation.rescore_systems import privacy_label  # noqa: E402
 from pflm.evaluation.tail_words import rare_predicate  # noqa: E402
 
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--oov", nargs="+", default=["public", "unk"], choices=["public", "unk"])
     ap.add_argument("--rare-zipf", type=float, default=3.0)
     ap.add_argument("--bootstrap", type=int, default=10000)
+    ap.add_argument("--smooth", type=int, default=0, help="RescoreConfig.smooth: neighbour-averaged alpha choice")
     ap.add_argument("--kenlm", action="store_true", help="check the n-gram's ARPA file with the kenlm module")
     args = ap.parse_args()
     from pflm.evaluation.lm_scorer import load_scorer
@@ -136,7 +138,7 @@ def main() -> int:
         cmp = compare(dev, tests, sources, rare_predicate(args.rare_zipf),
                       interpolate=(sources[0].name, sources[-1].name) if ngram else None,
                       pairs=[(s.name, sources[0].name) for s in sources[1:]], vocab=cached[0][3],
-                      resamples=args.bootstrap)
+                      resamples=args.bootstrap, config=RescoreConfig(smooth=args.smooth))
         lines = format_lines(cmp, args.rare_zipf)
         (out / f"table_oov_{oov}.txt").write_text("\n".join(lines) + "\n")
         report[f"oov_{oov}"] = to_json(cmp, args.rare_zipf, args.bootstrap)

@@ -30,11 +30,20 @@ from pflm.device.batching import LocalVocab, device_batches, device_setup
 from pflm.evaluation.perplexity import evaluate
 from pflm.io_utils import atomic_write_text
 from pflm.model.factory import build_model
-from pflm.model.flops import lstm_layer_flops, training_flops_per_token
 from pflm.secure_random import subkey
 from pflm.simulation.simulator import Simulator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_peak import flops_report, matmul_peak  # noqa: E402
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DEV = torch.device("cpu")  # --accelerator: where the floor, the matmul peak and every round compute
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock times cover it (no-op on the CPU)."""
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 # The issue-10 workload: chitchat word LM (10k vocab), 1-layer LSTM 128/256, untied softmax, cohort 50,
 # 1 local epoch, batch 16, sentences truncated to 20 tokens, SGD on device, FedAvg, clipping at 0.5, no noise.
@@ -77,7 +86,7 @@ PRESETS: dict[str, dict] = {
              "scaling": [2, 4], "repeats": 1, "scaling_repeats": 1, "variant_cohorts": [2], "variant_budget_s": 30, "eval_users": 3,
              "eval_repeats": 1, "ttp_rounds": 2, "ttp_eval_every": 1, "ttp_val_users": 3, "ttp_max_rounds": 6},
 }
-SECTIONS = ("floor", "flower", "scaling", "parallel", "variants", "eval", "ttp")  # "floor" includes the FLOPs/peak report
+SECTIONS = ("floor", "flower", "scaling", "parallel", "vectorize", "variants", "eval", "ttp")  # "floor" includes the FLOPs/peak report
 
 
 def load() -> float:
@@ -124,7 +133,7 @@ class Floor:
         if cfg.model.arch != "lstm" or cfg.model.tie_embeddings or cfg.model.lora.enabled or cfg.dpsgd.enabled \
                 or cfg.device.loss != "full" or cfg.device.optimizer != "sgd" or cfg.device.momentum:
             raise ValueError("the floor is defined for the untied full-softmax LSTM trained with plain SGD")
-        self.model = build_model(cfg.model, sim.vocab_size)
+        self.model = build_model(cfg.model, sim.vocab_size).to(DEV)
         self.model.load_state_dict(sim.server.model.state_dict())
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.device.lr)
 
@@ -139,45 +148,14 @@ class Floor:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        sync()
         return time.perf_counter() - t0
-
-
-def matmul_peak(threads: int, shapes: list[tuple[int, int, int]], repeats: int = 5) -> dict:
-    """The machine's achievable float32 matrix-product rate on `threads` threads: best GFLOP/s over `repeats`
-    runs of torch.mm for each (m, k, n) shape (a square one and the workload's own output-layer product)."""
-    torch.set_num_threads(threads)
-    out: dict = {}
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)  # warm-up (allocation, thread pool)
-        reps = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
-        best = 0.0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b)
-            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-        out[f"{m}x{k}x{n}"] = best
-    return {"gflops_by_shape": out, "peak_gflops": max(out.values()), "threads": threads, "load_avg": load()}
-
-
-def flops_report(cfg: RecipeConfig, vocab_size: int, target_tokens: int, seconds: dict[str, float], peak: dict) -> dict:
-    """Analytic FLOPs of the round (valid target tokens x per-token training FLOPs, pflm.model.flops), the
-    achieved GFLOP/s of each timed run and its share of the measured matmul peak."""
-    per_token = training_flops_per_token(cfg.model, vocab_size)
-    total = per_token * target_tokens
-    rates = {k: total / v / 1e9 for k, v in seconds.items()}
-    return {"flops_per_token": per_token,
-            "flops_per_token_by_layer": {x.name: x.total for x in lstm_layer_flops(cfg.model, vocab_size)},
-            "target_tokens": target_tokens, "round_flops": total, "gflops": rates, "peak": peak,
-            "percent_of_peak": {k: 100.0 * r / peak["peak_gflops"] for k, r in rates.items()},
-            "counted": "matrix products only (2 FLOPs per multiply-add); elementwise work, padding and the "
-                       "optimizer are not counted"}
 
 
 def timed_round(sim: Simulator, round_idx: int) -> float:
     t0 = time.perf_counter()
     m = sim.run_round(round_idx)
+    sync()
     if "failed" in m:
         raise RuntimeError(f"round failed: {m['failed']}")
     return time.perf_counter() - t0
@@ -200,6 +178,7 @@ def work(batches: list[Batch]) -> dict[str, int]:
 
 def floor_vs_round(sim: Simulator, round_idx: int, warmup: int, repeats: int, threads: int) -> dict:
     cohort, batches = cohort_batches(sim, round_idx)
+    batches = [tuple(t.to(DEV) for t in b) for b in batches]  # type: ignore[misc]
     floor = Floor(sim, threads)
     la = load()
     t = interleaved({"floor": lambda: floor.train(batches), "round": lambda: timed_round(sim, round_idx)}, warmup, repeats)
@@ -247,6 +226,7 @@ def parallel_gain(mk, round_idx: int, repeats: int, threads: int, workers: list[
     interleaved, next to the floor on all threads: what training several simulated devices at once gains."""
     sims = {w: Simulator(mk({"device_workers": w})) for w in workers}
     _, batches = cohort_batches(sims[workers[0]], round_idx)
+    batches = [tuple(t.to(DEV) for t in b) for b in batches]  # type: ignore[misc]
     floor = Floor(sims[workers[0]], threads)
     fns = {"floor": lambda: floor.train(batches)}
     fns.update({f"device_workers={w}": (lambda s=s: timed_round(s, round_idx)) for w, s in sims.items()})
@@ -257,6 +237,20 @@ def parallel_gain(mk, round_idx: int, repeats: int, threads: int, workers: list[
     return {"seconds": med, "runs": t, "over_floor": {k: v / med["floor"] for k, v in med.items()},
             "gain_over_one_device_at_a_time": {k: base / v for k, v in med.items() if k != "floor"},
             "load_avg": [la, load()]}
+
+
+def vectorize_gain(mk, round_idx: int, repeats: int, groups: list[int]) -> dict:
+    """Round time of the same cohort with devices trained one at a time (device.vectorize=1) and G at a time
+    (pflm.device.vectorized), interleaved after a warm-up: devices per second before and after (issue 21)."""
+    sims = {g: Simulator(mk({"device.vectorize": g})) for g in groups}
+    cohort = len(sims[groups[0]].server.plan_round(round_idx).cohort)
+    fns = {f"vectorize={g}": (lambda s=s: timed_round(s, round_idx)) for g, s in sims.items()}
+    la = load()
+    t = interleaved(fns, 1, repeats)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    base = med[f"vectorize={groups[0]}"]
+    return {"cohort": cohort, "seconds": med, "runs": t, "devices_per_second": {k: cohort / v for k, v in med.items()},
+            "speedup": {k: base / v for k, v in med.items()}, "load_avg": [la, load()]}
 
 
 def eval_speed(sim: Simulator, repeats: int) -> dict:
@@ -321,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="timed repeats of each compared run (default: the preset's)")
     ap.add_argument("--variant-cohorts", help="comma list of cohort sizes for the variants section (default: the preset's)")
     ap.add_argument("--variants", default="peu_lora_nce,dpsgd,dpsgd_opacus_lstm", help="variants section: which ones")
+    ap.add_argument("--groups", default="8,32", help="vectorize section: devices per batched computation")
+    ap.add_argument("--accelerator", default="cpu", choices=("cpu", "cuda"), help="cuda: floor, peak and rounds on "
+                    "the GPU (device.accelerator=cuda; scripts/gpu_check.sh)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
@@ -334,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown section(s) {bad}; choose from {list(SECTIONS)}")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
+    global DEV
+    DEV = torch.device(args.accelerator)
     fast = dict(FAST)
     fast.update(dict(kv.split("=", 1) for kv in args.fast.split()))
     tmp = tempfile.mkdtemp(prefix="pflm_bench_")
@@ -341,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def mk(*layers: dict) -> RecipeConfig:
         return make_recipe(data, tmp, args.threads, p["model"], {"data.val_users": p["eval_users"],
-                           "server.cohort_size": p["cohort"], "device_workers": args.device_workers}, *layers)
+                           "server.cohort_size": p["cohort"], "device_workers": args.device_workers,
+                           "device.accelerator": args.accelerator}, *layers)
 
     doc: dict = {"preset": args.preset, "data": data, "threads": args.threads, "device_workers": args.device_workers,
+                 "accelerator": args.accelerator,
                  "torch": torch.__version__,
                  "cpu_count": os.cpu_count(), "round": args.round, "command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
                  "load_avg_start": list(os.getloadavg()), "recipe": {**BASE, **p["model"], "server.cohort_size": p["cohort"]}}
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_secs[p["cohort"]] = res["floor_seconds"]
         per_batch = max(1, res["target_tokens"] // max(res["steps"], 1))  # the output layer's rows per step
         peak = matmul_peak(args.threads, [(2048, 2048, 2048), (per_batch, base_sim.cfg.model.output_dim,
-                                                                base_sim.vocab_size)])
+                                                                base_sim.vocab_size)], dev=DEV)
         doc["flops"] = flops_report(base_sim.cfg, base_sim.vocab_size, res["target_tokens"],
                                     {"floor": res["floor_seconds"], "round": res["round_seconds"]}, peak)
     if "flower" in sections:  # a plain Flower FedAvg app on the same per-device batches (scripts/flower_baseline.py)
@@ -387,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["scaling_round_over_floor_spread"] = max(ratios) / min(ratios)
     if "parallel" in sections:
         doc["parallel"] = parallel_gain(mk, args.round, p["repeats"], args.threads, sorted({1, args.threads}))
+    if "vectorize" in sections:
+        doc["vectorize"] = vectorize_gain(mk, args.round, p["repeats"], [1, *[int(g) for g in args.groups.split(",")]])
     if "variants" in sections:
         doc["variants"] = {v: variant_speed(mk, v, p["variant_cohorts"], args.round, floor_secs, p["variant_budget_s"])
                            for v in args.variants.split(",")}

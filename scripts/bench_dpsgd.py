@@ -34,6 +34,16 @@ CONFIGS = {  # name -> (dpsgd mode or None, PEU on, LSTM: "fused" (pflm.model.fu
 }
 
 
+def parse_config(name: str, default_sigma: float) -> tuple[str, float, str]:
+    """"ghost_full_lora@1" -> (config, sigma 1, noise "f32"); "...@1f64": the float64 noise path used before
+    issue 21 (SecureRandom.normal, then cast), for before/after in one run; no "@": --sigma."""
+    base, _, tail = name.partition("@")
+    if base not in CONFIGS:
+        raise SystemExit(f"unknown config {base!r}; choose from {', '.join(CONFIGS)} (optionally @SIGMA or @SIGMAf64)")
+    noise = "f64" if tail.endswith("f64") else "f32"
+    return base, float(tail[:-3] if noise == "f64" else tail) if tail else default_sigma, noise
+
+
 def _peak_rss_mb() -> float:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
@@ -52,14 +62,20 @@ def run_child(args: argparse.Namespace) -> dict:
     from pflm.device.trainer import DeviceTrainer
     from pflm.secure_random import new_key
 
-    mode, peu, lstm = CONFIGS[args.child]
+    base, sigma, noise = parse_config(args.child, args.sigma)
+    mode, peu, lstm = CONFIGS[base]
+    if noise == "f64":  # the pre-issue-21 device noise: float64 Box–Muller from the float64 ChaCha20 stream
+        from pflm.secure_random import SecureRandom
+
+        SecureRandom.normal_f32 = lambda self, i, shape, std, purpose="update": self.normal(  # type: ignore
+            i, shape, std, purpose, dtype=torch.float64)
     emb, hid = (int(v) for v in args.dims.split("/"))
     over = [
         f"model.embedding_dim={emb}", f"model.hidden_dim={hid}", f"model.lora.rank={args.lora_rank}",
         f"dpsgd.fused_lstm={'true' if lstm == 'fused' else 'false'}",
         "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
         f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
-        f"dpsgd.grad_sample_mode={mode or 'hooks'}", f"dpsgd.noise_multiplier={args.sigma}", "dpsgd.max_grad_norm=1.0",
+        f"dpsgd.grad_sample_mode={mode or 'hooks'}", f"dpsgd.noise_multiplier={sigma}", "dpsgd.max_grad_norm=1.0",
         f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", f"data.max_tokens={args.seq}",
     ]
     cfg = load_recipe(None, over)
@@ -129,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     names = args.configs.split(",")
     for name in names:
-        if name not in CONFIGS:
-            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        parse_config(name, args.sigma)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     load_start = os.getloadavg()
     for _ in range(args.passes):  # config A, B, C, A, B, C, ...: load drift hits every config alike
@@ -160,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
     ratios = {}
     for name, r in results.items():  # DP step / non-DP step of the same vocabulary setting
-        base_name = "nodp_" + name.split("_", 1)[1].replace("opacus_", "")
+        want = "nodp_" + name.partition("@")[0].split("_", 1)[1].replace("opacus_", "")
+        base_name = next((n for n in results if n.partition("@")[0] == want), want)
         if r.get("mode") not in (None, "none") and "median_step_s" in r and "median_step_s" in results.get(base_name, {}):
             ratios[f"{name}/{base_name}"] = r["median_step_s"] / results[base_name]["median_step_s"]
     load = os.getloadavg()

@@ -106,8 +106,8 @@ def test_noise_is_the_keyed_stream_with_opacus_scaling(mode):
     want_std = lr * sigma * clip / (q * n)
     assert float(delta.std()) == pytest.approx(want_std, rel=0.05)
     assert abs(float(delta.mean())) < 5 * want_std / delta.numel() ** 0.5
-    # ... and it is exactly step 0 of SecureRandom(subkey(key, "dpsgd")), stream "noise", all parameters at once
-    noise = dpsgd_random(key).normal(0, delta.numel(), sigma * clip, NOISE_PURPOSE, dtype=torch.float64)
+    # ... and it is exactly step 0 of SecureRandom(subkey(key, "dpsgd")), float32 stream "noise", all parameters
+    noise = dpsgd_random(key).normal_f32(0, delta.numel(), sigma * clip, NOISE_PURPOSE).double()
     torch.testing.assert_close(delta, -lr * noise / (q * n), rtol=1e-5, atol=1e-7)
 
 
@@ -132,7 +132,7 @@ def test_noise_on_a_real_batch_is_added_to_the_clipped_sum():
         deltas.append(torch.cat([(p.detach() - p0).reshape(-1) for p, p0 in zip(tr.trainable, tr._start)]).double())
     tr.dpsgd.optimizer.noise_multiplier = cfg.dpsgd.noise_multiplier
     assert float(deltas[0].norm()) > 0  # the data moved the model
-    noise = dpsgd_random(key).normal(0, deltas[0].numel(), sigma * clip, NOISE_PURPOSE, dtype=torch.float64)
+    noise = dpsgd_random(key).normal_f32(0, deltas[0].numel(), sigma * clip, NOISE_PURPOSE).double()
     torch.testing.assert_close(deltas[1] - deltas[0], -lr * noise / 6.0, rtol=1e-4, atol=1e-6)
 
 

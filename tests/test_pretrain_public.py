@@ -74,3 +74,15 @@ def test_weights_without_public_provenance_are_refused(pretrained, synthetic_dat
     bigger = build_model(load_recipe("recipes/tiny_synthetic.yaml", ["model.embedding_dim=24"]).model, 300)
     with pytest.raises(ConfigError, match="does not match"):
         load_pretrained(bigger, weights, None)
+
+
+def test_pretrained_output_is_rescorable_and_labelled_public(pretrained):
+    """`pflm rescore --compare OUT` scores the public LM; its rows say PUBLIC, never DP or a private run."""
+    from pflm.evaluation.lm_scorer import load_scorer
+    from pflm.evaluation.rescore_systems import privacy_label
+
+    scorer = load_scorer(str(pretrained))
+    a, b = scorer.score(["hello how are you", "you are how hello"])
+    assert a > b  # it learned public word order
+    assert privacy_label(pretrained).startswith("PUBLIC data only")
+    assert json.loads((pretrained / "data_manifest.json").read_text())["privacy"]["vocabulary"] == "public"

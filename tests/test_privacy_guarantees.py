@@ -165,7 +165,8 @@ def test_a_round_where_nobody_contributes_is_still_a_noised_charged_release(synt
     """Whether any update reached the sum is a fact about the users' data (here: it all diverged). Before the fix
     the round "failed": metrics said so and ε did not move, so an observer learned it. Now Σ over the empty set
     (= 0) gets the usual noise and charge, and the published rows look like any other round's."""
-    kw = {"server.rounds": 3, "aggregation.kind": aggregation, "server.cohort_size": 6, "server.eval_every": 5}
+    # cohort 16: a Poisson cohort under 3 devices (a SecAgg failure) then has probability ~1e-5 per round
+    kw = {"server.rounds": 3, "aggregation.kind": aggregation, "server.cohort_size": 16, "server.eval_every": 5}
     sim = _sim(synthetic_data, tmp_path / "nan", **kw)
     _all_updates_nan_in_round(sim, monkeypatch, 1)
     before = {k: v.clone() for k, v in sim.server.model.state_dict().items()}
@@ -200,6 +201,7 @@ def test_secure_dp_metrics_do_not_reveal_the_realised_cohort_size(synthetic_data
     """The SecAgg encoding step (and every protocol count) is a function of the realised Poisson cohort; it used to
     be published as `secagg_quant_step`, from which the adversary reads the cohort size of each round."""
     _sim(synthetic_data, tmp_path, **{"aggregation.kind": "secure", "server.rounds": 6, "diagnostics": "true",
+                                      "server.cohort_size": 16,
                                       "server.eval_every": 100}).run(progress=False)
     run = tmp_path / "tiny_synthetic"
     cohorts = [json.loads(x)["cohort"] for x in (run / DIAGNOSTICS_FILE).read_text().splitlines()[1:]]

@@ -77,3 +77,30 @@ def test_bad_extra_test_spec_exits_2(tmp_path, fake_lm_scorer):  # noqa: F811
                  "--extra-test", "no-equals-sign"]) == 2
     assert main(["rescore", "--checkpoint", str(tmp_path), "--dev", str(dev), "--test", str(dev),
                  "--interpolate"]) == 2
+    assert main(["rescore", "--checkpoint", str(tmp_path), "--dev", str(dev), "--test", str(dev),
+                 "--smooth", "-1"]) == 2
+
+
+def test_rare_word_coverage_bounds_recall():
+    from pflm.evaluation.tail_words import nbest_rare_coverage
+
+    rare = {"zyx", "qua"}.__contains__
+    refs = ["a zyx b qua", "qua qua", "c"]
+    nbest = [["a zyx b", "a b c"], ["qua x"], []]
+    # zyx is in a hypothesis of its own utterance, the first qua is not; both qua of utterance 2 are coverable
+    assert nbest_rare_coverage(refs, nbest, rare) == (4, 3)
+    with pytest.raises(Exception, match="one N-best list per reference"):
+        nbest_rare_coverage(refs, nbest[:2], rare)
+
+
+def test_test_tuned_ceiling_is_never_worse_than_the_dev_tuned_result():
+    tests = {"a": TEST_LM_RIGHT + TEST_LM_WRONG[2:], "b": TEST_LM_WRONG}
+    cmp = compare(DEV, tests, [LMSource("good", "DP", UnigramScorer()), LMSource("bad", "x", ReversedScorer())],
+                  lambda w: w == "cab", SMALL, interpolate=("good", "bad"), resamples=100)
+    for s in cmp.systems[1:]:
+        for k in tests:
+            assert s.sets[k].test_tuned_wer is not None and s.sets[k].test_tuned_wer <= s.sets[k].wer + 1e-12
+    # set b: the dev-tuned good LM is worse than the first pass, but alpha = 0 on the test set recovers it
+    first_b = cmp.systems[0].sets["b"].wer
+    assert cmp.systems[1].sets["b"].wer > first_b and cmp.systems[1].sets["b"].test_tuned_wer <= first_b
+    assert cmp.rare_coverage["b"][0] >= 1

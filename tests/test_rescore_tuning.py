@@ -148,3 +148,19 @@ def test_bad_scorer_output_and_config():
         RescoreConfig(alpha_grid=(-1.0,))
     with pytest.raises(ConfigError):
         RescoreConfig(beta_grid=(float("nan"),))
+
+
+def test_smoothed_tuning_prefers_a_flat_minimum_over_a_lucky_grid_point():
+    from pflm.evaluation.rescore import _smoothed_choice
+
+    # dev errors per (alpha, beta): alpha 0.004 is a lone dip, 0.001..0.002 a flat valley
+    errs = {0.0: 50, 0.0005: 45, 0.001: 41, 0.0015: 40, 0.002: 41, 0.003: 47, 0.004: 39, 0.005: 48}
+    results = [(e, a, 0.0) for a, e in errs.items()] + [(e + 1, a, 0.1) for a, e in errs.items()]
+    assert min(results, key=lambda r: (r[0], abs(r[1]), abs(r[2])))[1] == 0.004  # the plain minimum
+    assert _smoothed_choice(results, 1) == (40, 0.0015, 0.0)
+    assert _smoothed_choice(results, 0)[1] == 0.004  # k = 0 is the plain minimum
+    assert _smoothed_choice([(10, 0.0, 0.0), (12, 0.001, 0.0), (11, 0.002, 0.0)], 1)[1] == 0.0  # LM switched off
+    with pytest.raises(ConfigError, match="smooth"):
+        RescoreConfig(smooth=-1)
+    dev = score_nbest(DEV, UnigramScorer())
+    assert tune(dev, RescoreConfig(alpha_grid=SMALL.alpha_grid, beta_grid=SMALL.beta_grid, smooth=1)).alpha > 0

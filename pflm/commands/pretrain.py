@@ -1,6 +1,7 @@
 """`pflm pretrain RECIPE --data DIR`: central, NON-private pretraining on a PUBLIC corpus, to start federated runs from.
 
-Only public text is read (the chatterbot-corpus dialogues, `pflm/data/corpora/public_text.py`); the data directory
+Only public text is read (`--corpus`: the chatterbot-corpus dialogues, `pflm/data/corpora/public_text.py`, and/or
+WordNet's usage examples, `pflm/data/corpora/wordnet_text.py`); the data directory
 supplies just its tokenizer, normaliser and prior, which must themselves be public (or DP). The output directory
 holds `model.safetensors` and `pretrain.json` (corpus, licence, tokenizer hash, model settings, held-out *public*
 perplexity); a recipe starts federated fine-tuning from it with `server.init_from=OUT/model.safetensors`.
@@ -22,6 +23,18 @@ import torch
 from pflm.errors import ConfigError, DataError
 
 HELDOUT_EVERY = 20  # every 20th public sentence is held out to report public perplexity
+CORPORA = ("chatterbot", "wordnet", "chatterbot+wordnet")
+
+
+def public_corpus(name: str) -> tuple[list[str], str, str]:
+    """(raw sentences, corpus name, licence) of a public pretraining corpus: chatterbot, wordnet or both."""
+    from pflm.data.corpora import public_text, wordnet_text
+
+    if name not in CORPORA:
+        raise ConfigError(f"--corpus {name!r} is not one of {', '.join(CORPORA)}")
+    parts = [m for key, m in (("chatterbot", public_text), ("wordnet", wordnet_text)) if key in name.split("+")]
+    texts = [t for m in parts for t in m.sentences()]
+    return texts, "+".join(m.NAME for m in parts), "; ".join(m.LICENSE for m in parts)
 
 
 def _batches(ids: list[list[int]], batch: int, rng: np.random.Generator, max_tokens: int):
@@ -46,8 +59,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from pflm.config import load_recipe
-    from pflm.data.corpora import public_text
-    from pflm.data.store import FederatedData
+    from pflm.data.store import FederatedData, public_manifest
+    from pflm.driver.artifacts import write_run_metadata
     from pflm.model.factory import build_model
     from pflm.evaluation.perplexity import build_eval_set, evaluate
     from pflm.io_utils import atomic_directory
@@ -61,10 +74,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if fd.privacy_info["vocabulary"] == "private":
         raise DataError(f"{args.data} has a vocabulary counted on its users (private); pretrain with a public or DP "
                         "vocabulary (`pflm prepare --tokenizer-input wordfreq`)")
+    raw, corpus_name, corpus_license = public_corpus(args.corpus)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
     # distinct sentences only: the corpus repeats many questions, which would leak into the held-out split
-    texts = list(dict.fromkeys(t for t in (fd.normalizer(s) for s in public_text.sentences()) if t))
+    texts = list(dict.fromkeys(t for t in (fd.normalizer(s) for s in raw) if t))
     if args.max_sentences:
         texts = texts[: args.max_sentences]
     ids = fd.tokenizer.encode(texts)
@@ -94,8 +108,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"epoch {epoch}: held-out public perplexity {ppl:.1f} ({time.time() - t0:.0f} s)")
     info = {
         "data": "public",
-        "corpus": public_text.NAME,
-        "license": public_text.LICENSE,
+        "corpus": corpus_name,
+        "license": corpus_license,
         "sentences": len(train),
         "words": int(sum(len(s) for s in train)),
         "tokenizer_sha256": file_sha256(fd.tokenizer.path),
@@ -111,6 +125,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with atomic_directory(out, overwrite=True) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        # recipe, tokenizer and release-safe manifest too, so `pflm rescore --compare OUT` can score the public LM
+        write_run_metadata(tmp, cfg, fd.tokenizer.path, public_manifest(fd.manifest))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out / WEIGHTS_FILE}; start federated fine-tuning with server.init_from={out / WEIGHTS_FILE}")
     if not math.isfinite(history[-1]["heldout_public_perplexity"]):
@@ -124,6 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides (model.* must match the federated run)")
     p.add_argument("--data", required=True, help="`pflm prepare` output whose tokenizer/normaliser/prior to use")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + pretrain.json)")
+    p.add_argument("--corpus", default="chatterbot", choices=CORPORA,
+                   help="public text: chatterbot-corpus (PyPI), WordNet usage examples (Debian wordnet-base), or both")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)

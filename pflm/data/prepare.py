@@ -50,6 +50,7 @@ class PrepareConfig:
     max_users: int | None = None  # --corpus chitchat: keep only the first N senders (fast tests)
     vocab_source: str = "exact"  # "dp": word vocabulary + prior from the train users under DP (pflm.data.dp_vocab)
     vocab_dp: DPVocabConfig | None = None  # required with vocab_source="dp"
+    stream: bool = False  # one pass, user by user, bounded memory (pflm.data.prepare_stream)
 
     def __post_init__(self) -> None:
         if (self.input is None) == (self.corpus is None):
@@ -66,6 +67,10 @@ class PrepareConfig:
         if self.max_users is not None and self.max_users < 1:
             raise ConfigError("--max-users must be >= 1")
         self._check_vocab_source()
+        if self.stream:
+            from pflm.data.prepare_stream import check_stream_config
+
+            check_stream_config(self)
 
     def _check_vocab_source(self) -> None:
         if self.vocab_source not in VOCAB_SOURCES:
@@ -134,6 +139,10 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
     out = Path(cfg.out).expanduser()
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"output {out} already exists; pass --overwrite or choose another --out")
+    if cfg.stream:
+        from pflm.data.prepare_stream import prepare_stream
+
+        return prepare_stream(cfg, say)
     t0 = time.perf_counter()
     part_cfg = cfg.partition
     if cfg.corpus is None and cfg.user_column is None and part_cfg.scheme == "natural":  # corpora carry user ids
@@ -190,40 +199,50 @@ def prepare(cfg: PrepareConfig, log: Any = None) -> Path:
             if name == "train":
                 assert writer.token_counts is not None
                 np.save(tmp / TOKEN_COUNTS, writer.token_counts)
-        kind = cfg.privacy_kind
-        if prior_counts is not None:
-            np.save(tmp / PRIOR_COUNTS, prior_counts)
-            prior = {"path": PRIOR_COUNTS, "computed_from": _PRIOR_FROM[
-                "dp" if kind == "dp" else "wordfreq" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ else "file"]}
-        else:
-            prior = {"path": TOKEN_COUNTS, "computed_from": _PRIOR_FROM["private"]}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "pflm_version": pflm.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "normalization": cfg.normalizer.to_dict(),
-            "partition": {**part_cfg.to_dict(), **part.stats},
-            "seed": part_cfg.seed,
-            "tokenizer": {
-                "path": "tokenizer.model", "model_type": tok.model_type, "vocab_size": tok.vocab_size,
-                "pad_id": tok.pad_id, "unk_id": tok.unk_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                "byte_fallback": cfg.tokenizer.byte_fallback,
-                "sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
-                "trained_on": ("public word list (wordfreq)" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ
-                               else "file:" + str(cfg.tokenizer.tokenizer_input)) if cfg.tokenizer.tokenizer_input
-                else "train users (DP release, see privacy.dp_release)" if kind == "dp" else "train users",
-                "max_word_vocab_supported": max_vocab,
-            },
-            "token_counts": {"path": TOKEN_COUNTS, "computed_from": "train users' tokens"},
-            "prior": prior,
-            "privacy": {"vocabulary": kind, "prior": kind, "dp_release": dp_release},
-            "splits": {n: {**split_stats[n], "data": f"{n}/data.arrow", "index": f"{n}/index.arrow"}
-                       for n in SPLITS},
-        }
+        manifest = build_manifest(cfg, source, {**part_cfg.to_dict(), **part.stats}, tok, prior_counts, dp_release,
+                                  max_vocab, split_stats, tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
     say(f"wrote {out} ({time.perf_counter() - t0:.1f}s)")
     return out
+
+
+def build_manifest(cfg: PrepareConfig, source: dict[str, Any], partition_info: dict[str, Any], tok: Tokenizer,
+                   prior_counts: np.ndarray | None, dp_release: dict[str, Any] | None, max_vocab: int | None,
+                   split_stats: dict[str, dict[str, int]], tmp: Path) -> dict[str, Any]:
+    """The manifest of a prepared directory (also writes prior_counts.npy into `tmp` when there is one)."""
+    part_cfg = cfg.partition
+    kind = cfg.privacy_kind
+    if prior_counts is not None:
+        np.save(tmp / PRIOR_COUNTS, prior_counts)
+        prior = {"path": PRIOR_COUNTS, "computed_from": _PRIOR_FROM[
+            "dp" if kind == "dp" else "wordfreq" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ else "file"]}
+    else:
+        prior = {"path": TOKEN_COUNTS, "computed_from": _PRIOR_FROM["private"]}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "pflm_version": pflm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "normalization": cfg.normalizer.to_dict(),
+        "partition": partition_info,
+        "seed": part_cfg.seed,
+        "tokenizer": {
+            "path": "tokenizer.model", "model_type": tok.model_type, "vocab_size": tok.vocab_size,
+            "pad_id": tok.pad_id, "unk_id": tok.unk_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "byte_fallback": cfg.tokenizer.byte_fallback,
+            "sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
+            "trained_on": ("public word list (wordfreq)" if cfg.tokenizer.tokenizer_input == PUBLIC_WORDFREQ
+                           else "file:" + str(cfg.tokenizer.tokenizer_input)) if cfg.tokenizer.tokenizer_input
+            else "train users (DP release, see privacy.dp_release)" if kind == "dp" else "train users",
+            "max_word_vocab_supported": max_vocab,
+        },
+        "token_counts": {"path": TOKEN_COUNTS, "computed_from": "train users' tokens"},
+        "prior": prior,
+        "privacy": {"vocabulary": kind, "prior": kind, "dp_release": dp_release},
+        "splits": {n: {**split_stats[n], "data": f"{n}/data.arrow", "index": f"{n}/index.arrow"}
+                   for n in SPLITS},
+    }
+    return manifest
 
 
 _PRIOR_FROM = {
@@ -299,7 +318,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         synthetic_users=(args.num_users or 200) if synthetic else 200,
         max_users=args.max_users,
         vocab_source=args.vocab_source or "exact",
-        vocab_dp=_dp_config(args),
+        vocab_dp=_dp_config(args), stream=args.stream,
     )
 
 
@@ -380,5 +399,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keep-case", action="store_true", help="do not lower-case")
     p.add_argument("--max-users", type=int, default=None, help="chitchat: keep only the first N senders")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--stream", action="store_true", help="one pass, user by user, memory bounded whatever the number "
+                   "of users: .jsonl/.parquet input sorted by --user-column, public --tokenizer-input, splits by a "
+                   "keyed hash of the user id (docs/benchmarks.md)")
     p.add_argument("--verbose", "-v", action="store_true", help="print progress")
     p.set_defaults(func=run)

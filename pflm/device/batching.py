@@ -92,8 +92,9 @@ def device_batches(
 class LocalVocab:
     """Maps global token ids to a device's local ids for the round's selected rows (PEU)."""
 
-    def __init__(self, vocab_size: int, rows: torch.Tensor | None) -> None:
+    def __init__(self, vocab_size: int, rows: torch.Tensor | None, device: torch.device | str = "cpu") -> None:
         self.rows = rows
+        self.device = torch.device(device)  # where batches are handed out (the trainer's accelerator)
         if rows is None:
             self.g2l = None
             self.selected = None
@@ -112,4 +113,7 @@ class LocalVocab:
         if self.g2l is not None:
             mask = mask & self.selected[targets]
             inputs, targets = self.g2l[inputs], self.g2l[targets]
+        if self.device.type != "cpu":
+            return (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
+                    mask.to(self.device, non_blocking=True))
         return inputs.contiguous(), targets.contiguous(), mask

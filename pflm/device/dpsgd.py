@@ -19,8 +19,9 @@ Poisson batch still takes a (noise-only) step, as the accountant assumes.
 
 Randomness. The two draws the guarantee rests on, the Poisson batches and the Gaussian noise, come from
 ``SecureRandom(subkey(device_key, "dpsgd"))`` (ChaCha20 keyed by the device's secret key): batches from stream
-(step, "poisson"), the noise of step t from stream (t, "noise") as ONE draw over all trainable parameters
-concatenated in the optimizer's parameter order. `SecureDPOptimizer` / `SecureDPOptimizerFastGradientClipping`
+(step, "poisson"), the noise of step t from the float32 stream (t, "noise") (`SecureRandom.normal_f32`: the
+same 53-bit radius uniforms as float64, arithmetic in float32, ~7x cheaper per coordinate) as ONE draw over all
+trainable parameters concatenated in the optimizer's parameter order. `SecureDPOptimizer` / `SecureDPOptimizerFastGradientClipping`
 are Opacus' optimizers with only ``add_noise`` replaced (same std, same place: added to ``p.summed_grad``, then
 Opacus' ``scale_grad`` divides by the expected batch size); Opacus' torch ``generator`` is never used, and a step
 without a key raises instead of falling back to it. With the recipe seed alone nobody can replay the noise or the
@@ -98,7 +99,7 @@ class _SecureNoise:
         total = sum(p.summed_grad.numel() for p in params)
         step = self.noise_step
         self.noise_step = step + 1
-        noise = source.normal(step, total, std, NOISE_PURPOSE, dtype=torch.float64) if std > 0 else None
+        noise = source.normal_f32(step, total, std, NOISE_PURPOSE) if std > 0 else None
         off = 0
         for p in params:
             g = p.summed_grad

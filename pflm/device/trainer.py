@@ -58,6 +58,18 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 
     return ok
 
 
+def accelerator(name: str) -> torch.device:
+    """The torch device of `device.accelerator`; a one-line ConfigError when CUDA is asked for but absent."""
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            from pflm.errors import ConfigError
+
+            raise ConfigError("device.accelerator=cuda but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                              "False); use device.accelerator=cpu or install a CUDA build of torch on a GPU machine")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 class DeviceTrainer:
     def __init__(self, spec: DeviceSpec, unigram_counts: np.ndarray | None = None) -> None:
         self.spec = spec
@@ -66,7 +78,9 @@ class DeviceTrainer:
         self.local_vocab_size = spec.local_vocab_size
         dp = spec.dpsgd.enabled
         fused = dp and spec.dpsgd.fused_lstm and spec.dpsgd.grad_sample_mode in ("ghost", "hooks")  # fused_dplstm
+        self.device = accelerator(spec.training.accelerator)
         self.model = build_model(spec.model, self.local_vocab_size, dp_compatible=dp, fused_dp_lstm=fused)
+        self.model.to(self.device)
         names = trainable_names(self.model, spec.model.lora.rank, spec.training.train_embeddings)
         params = dict(self.model.named_parameters())
         for n, p in params.items():
@@ -86,20 +100,20 @@ class DeviceTrainer:
 
             self.dpsgd = DeviceDPSGD(self)
         self._start: list[torch.Tensor] = []
-        self.local_vocab = LocalVocab(spec.vocab_size, None)
+        self.local_vocab = LocalVocab(spec.vocab_size, None, self.device)
         self.sampler: UnigramSampler | None = None
         self.round = -1
 
     @torch.no_grad()
     def _delta(self) -> torch.Tensor:
         """Flat float32 (trained - start) of the trainable tensors in layout order, written in one pass each."""
-        update = torch.empty(self.layout.dim, dtype=torch.float32)
+        update = torch.empty(self.layout.dim, dtype=torch.float32, device=self.device)
         off = 0
         for p, p0 in zip(self.trainable, self._start):
             n = p.numel()
             torch.sub(p.detach(), p0, out=update[off : off + n].view_as(p))
             off += n
-        return update
+        return update.cpu()  # no copy on the CPU
 
     def parameter_count(self) -> int:
         return self.layout.dim
@@ -111,7 +125,7 @@ class DeviceTrainer:
         if missing.missing_keys or missing.unexpected_keys:
             raise ValueError(f"device state mismatch: missing={missing.missing_keys} extra={missing.unexpected_keys}")
         self._start = [p.detach().clone() for p in self.trainable]
-        self.local_vocab = LocalVocab(self.global_vocab_size, rows)
+        self.local_vocab = LocalVocab(self.global_vocab_size, rows, self.device)
         self.round = round_idx
         if self.spec.training.loss != "full":
             counts = self.unigram_counts if self.unigram_counts is not None else np.ones(self.global_vocab_size)

@@ -31,10 +31,17 @@ def device_update(
     """Train on `user`'s sentences (randomness from the secret `device_key`), apply the device-side steps;
     return (training result, the vector to upload, its side values to be summed)."""
     res = trainer.train(user, sentences, device_key)
+    vec, aux = finish_update(trainer.spec.weighting, steps, ctx, res)
+    return res, vec, aux
+
+
+def finish_update(weighting: str, steps: Sequence[DeviceStep], ctx: RoundContext, res: DeviceResult
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The device-side steps after training (also for devices trained as a group, pflm.device.vectorized)."""
     vec, aux = res.update, {}
     for step in steps:
         vec, a = step.on_device(vec, ctx)
         aux.update(a)
-    if trainer.spec.weighting == "tokens":
+    if weighting == "tokens":
         vec = vec * res.weight
-    return res, vec, aux
+    return vec, aux

@@ -24,7 +24,7 @@ from pflm.evaluation.rescore import (
 from pflm.evaluation.significance import (
     DEFAULT_RESAMPLES, BootstrapResult, TestResult, bootstrap_wer, paired_bootstrap, permutation_test, sign_test,
 )
-from pflm.evaluation.tail_words import TailStats, oov_rate, tail_stats
+from pflm.evaluation.tail_words import TailStats, nbest_rare_coverage, oov_rate, tail_stats
 
 FIRST_PASS = "first pass"
 DEFAULT_LAMBDA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -52,6 +52,7 @@ class SetResult:
     permutation: TestResult | None
     sign: TestResult | None
     tail: TailStats
+    test_tuned_wer: float | None = None  # best WER of the same grid tuned ON THIS TEST SET: a ceiling, not a result
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Comparison:
     pairwise: list[dict[str, Any]]
     main_tuned: TuneResult | None = None
     main_scored: dict[str, ScoredNBest] = field(default_factory=dict)
+    rare_coverage: dict[str, tuple[int, int]] = field(default_factory=dict)  # (rare ref words, in some hypothesis)
 
 
 class _ZeroScorer:
@@ -171,6 +173,12 @@ def compare(
         for k, v in scored.items():
             idx = select(dataclasses.replace(v, lm=lms[k]), t.alpha, t.beta)
             sr.sets[k] = _set_result(v, idx, is_rare, resamples, seed)
+            if lam is None:  # diagnostic only: how far dev tuning is from the best weights for this very test set
+                sr.sets[k].test_tuned_wer = tune(dataclasses.replace(v, lm=lms[k]), config).dev_rescored_wer
+            else:
+                a, b = interpolate or ("", "")
+                sr.sets[k].test_tuned_wer = _tune_mixture(v, test_lm[a][k], test_lm[b][k], lambdas,
+                                                          config)[1].dev_rescored_wer
         systems.append(sr)
 
     by_name = {s.name: s for s in systems}
@@ -196,4 +204,5 @@ def compare(
         ref_words={k: v.total_ref_words for k, v in scored.items()},
         utterances={k: len(v.utt_ids) for k, v in scored.items()},
         main_scored={k: dataclasses.replace(v, lm=test_lm[sources[0].name][k]) for k, v in scored.items()},
+        rare_coverage={k: nbest_rare_coverage(v.refs, v.texts, is_rare) for k, v in scored.items()},
     )

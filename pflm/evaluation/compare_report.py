@@ -24,6 +24,8 @@ def set_summary(r: SetResult, first: SetResult) -> dict[str, Any]:
         "rare_utt_relative_reduction": _rel(first.tail.rare_utt_wer, r.tail.rare_utt_wer),
         "rare_word_tokens": r.tail.rare_tokens, "rare_word_recall": r.tail.rare_recall,
     }
+    if r.test_tuned_wer is not None:
+        out["test_tuned_wer_ceiling"] = r.test_tuned_wer
     if r.vs_first is not None:
         out["delta_wer_vs_first_pass"] = r.vs_first.delta
         out["delta_wer_ci95"] = [r.vs_first.low, r.vs_first.high]
@@ -35,6 +37,13 @@ def set_summary(r: SetResult, first: SetResult) -> dict[str, Any]:
     return out
 
 
+def _coverage_json(cmp: Comparison, k: str) -> dict[str, Any]:
+    if k not in cmp.rare_coverage:
+        return {}
+    tokens, covered = cmp.rare_coverage[k]
+    return {"rare_words_in_nbest": covered, "rare_recall_ceiling": covered / tokens if tokens else 0.0}
+
+
 def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]:
     first = cmp.systems[0]
     return {
@@ -44,7 +53,8 @@ def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]
             "rare_words": f"wordfreq Zipf frequency < {rare_zipf} (public list)",
         },
         "test_sets": {k: {"utterances": cmp.utterances[k], "ref_words": cmp.ref_words[k],
-                          "oracle_wer": cmp.oracle_wer[k], **cmp.oov.get(k, {})} for k in cmp.test_sets},
+                          "oracle_wer": cmp.oracle_wer[k], **cmp.oov.get(k, {}),
+                          **_coverage_json(cmp, k)} for k in cmp.test_sets},
         "dev_oov": cmp.oov.get("dev", {}),
         "systems": [{"name": s.name, "privacy": s.privacy, "alpha": s.alpha, "beta": s.beta, "lambda": s.lam,
                      "dev_wer": s.dev_wer, "test": {k: set_summary(s.sets[k], first.sets[k]) for k in cmp.test_sets}}
@@ -85,6 +95,14 @@ def format_lines(cmp: Comparison, rare_zipf: float) -> list[str]:
             lines.append(f"  {s.name:<34} {ci:<21} {d:<23} {rel:>6} {p:>7} {_pct(r.tail.rare_utt_wer):>12} {rrel:>6} "
                          f"{_pct(r.tail.rare_recall):>6}  {s.privacy}")
         lines.append(f"  rare-word utterances: {f.tail.rare_utterances}, rare reference words: {f.tail.rare_tokens}")
+        if k in cmp.rare_coverage and cmp.rare_coverage[k][0]:
+            tokens, covered = cmp.rare_coverage[k]
+            lines.append(f"  rare reference words in any N-best hypothesis: {covered}/{tokens} "
+                         f"({100 * covered / tokens:.1f}%): the rare-word recall no rescoring can exceed")
+        ceil = [(s.name, s.sets[k].test_tuned_wer) for s in cmp.systems if s.sets[k].test_tuned_wer is not None]
+        if ceil:
+            lines.append("  ceiling (weights tuned on this test set itself; a diagnostic, not a result): " + ", ".join(
+                f"{n} {_pct(w)}% ({100 * _rel(f.wer, w):+.1f}%)" for n, w in ceil))
     for s in cmp.systems[1:]:
         lam = f" lambda={s.lam:g}" if s.lam is not None else ""
         lines.append(f"tuned {s.name}: alpha={s.alpha:.6g} beta={s.beta:.6g}{lam} dev WER {_pct(s.dev_wer)}%")

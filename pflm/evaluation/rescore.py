@@ -54,6 +54,9 @@ class RescoreConfig:
     beta_grid: tuple[float, ...] | None = None
     beta_per_alpha: tuple[float, ...] = DEFAULT_BETA_PER_ALPHA
     batch_size: int = 256
+    # > 0: choose alpha by the dev WER averaged over its `smooth` neighbours on each side of the (sorted, nonzero)
+    # alpha grid — a flat minimum rather than a lucky grid point; beta is then the best at that alpha
+    smooth: int = 0
 
     def __post_init__(self) -> None:
         self.alpha_grid = tuple(float(a) for a in self.alpha_grid)
@@ -69,6 +72,8 @@ class RescoreConfig:
                 raise ConfigError(f"{name} must be a non-empty list of finite numbers; e.g. --beta-grid -5:5:0.5")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1; use e.g. 256")
+        if self.smooth < 0:
+            raise ConfigError(f"smooth={self.smooth} must be >= 0 (0 = plain grid minimum); use e.g. 2")
 
     def pairs(self) -> list[tuple[float, float]]:
         """All (alpha, beta) candidates, deduplicated, in grid order."""
@@ -191,8 +196,26 @@ class TuneResult:
     grid: list[tuple[float, float, float]] = field(default_factory=list)  # (alpha, beta, dev WER)
 
 
+def _smoothed_choice(results: list[tuple[int, float, float]], k: int) -> tuple[int, float, float]:
+    """(errors, alpha, beta): alpha minimising the mean of its best-beta dev errors over +-k nonzero grid neighbours
+    (alpha = 0 is judged on its own errors); ties go to the smaller alpha; then the best beta at that alpha."""
+    best_at: dict[float, tuple[int, float, float]] = {}
+    for r in results:
+        if r[1] not in best_at or (r[0], abs(r[2])) < (best_at[r[1]][0], abs(best_at[r[1]][2])):
+            best_at[r[1]] = r
+    alphas = sorted(best_at)
+    nonzero = [a for a in alphas if a > 0]
+    score = {0.0: float(best_at[0.0][0])} if 0.0 in best_at else {}
+    for i, a in enumerate(nonzero):
+        window = nonzero[max(0, i - k) : i + k + 1]
+        score[a] = sum(best_at[w][0] for w in window) / len(window)
+    alpha = min(alphas, key=lambda a: (score[a], a))
+    return best_at[alpha]
+
+
 def tune(dev: ScoredNBest, config: RescoreConfig | None = None) -> TuneResult:
-    """Grid-search alpha, beta minimizing dev corpus WER; ties go to smaller |alpha|, then smaller |beta|.
+    """Grid-search alpha, beta minimizing dev corpus WER; ties go to smaller |alpha|, then smaller |beta|
+    (`config.smooth` > 0: alpha minimising the neighbour-averaged dev WER instead, see `_smoothed_choice`).
 
     Only the dev set is an input: nothing here can see the test set.
     """
@@ -208,6 +231,8 @@ def tune(dev: ScoredNBest, config: RescoreConfig | None = None) -> TuneResult:
         errs = np.take_along_axis(np.broadcast_to(dev.errors, totals.shape), idx[..., None], axis=2)[..., 0]
         results.extend((int(e), a, b) for e, b in zip(errs.sum(axis=1), betas))
     best_err, alpha, beta = min(results, key=lambda r: (r[0], abs(r[1]), abs(r[2])))
+    if config.smooth:
+        best_err, alpha, beta = _smoothed_choice(results, config.smooth)
     words = dev.total_ref_words
     first_err = int(dev.errors[:, 0].sum())
     oracle_err = int(dev.errors.min(axis=1).sum())

@@ -140,6 +140,7 @@ def run_rescore(args: argparse.Namespace) -> int:
         alpha_grid=parse_grid(args.alpha_grid, "alpha-grid") if args.alpha_grid else DEFAULT_ALPHA_GRID,
         beta_grid=parse_grid(args.beta_grid, "beta-grid") if args.beta_grid else None,
         batch_size=args.batch_size,
+        smooth=args.smooth,
     )
     options = RescoreOptions(
         extra_test=parse_named_paths(args.extra_test, "--extra-test"), compare=list(args.compare or []),
@@ -270,6 +271,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dev", required=True, help="dev N-best JSONL (alpha/beta are tuned on it)")
     p.add_argument("--test", required=True, help="test N-best JSONL (read only after tuning)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/rescore)")
+    p.add_argument("--smooth", type=int, default=0, metavar="K",
+                   help="choose alpha by dev WER averaged over K grid neighbours on each side (flat minimum; 0 = off)")
     p.add_argument("--alpha-grid", help="LM weights: start:stop:step or a,b,c (default: 0 and 1e-4..10 log-spaced)")
     p.add_argument("--beta-grid", help="word bonuses: start:stop:step or a,b,c; write --beta-grid=-5:5:0.5 for a negative start "
         "(default: alpha * (-5..5 step 0.5))")

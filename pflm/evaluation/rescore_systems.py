@@ -14,6 +14,9 @@ from pflm.evaluation.compare import LMSource
 def privacy_label(run_dir: Path) -> str:
     """What the run's published summary says about its privacy: 'DP eps=.. delta=..' or 'NON-PRIVATE (no noise)'."""
     path = run_dir / "summary.json"
+    pretrain = run_dir / "pretrain.json"  # a `pflm pretrain` output: public text only
+    if not path.is_file() and pretrain.is_file() and json.loads(pretrain.read_text()).get("data") == "public":
+        return "PUBLIC data only (no user data, eps=0)"
     if not path.is_file():
         return "privacy unknown (no summary.json)"
     s = json.loads(path.read_text())

@@ -86,6 +86,25 @@ def tail_stats(refs: Sequence[str], hyps: Sequence[str], errors: Sequence[int],
     return TailStats(sum(mask), rare_errors, rare_words, tokens, hits)
 
 
+def nbest_rare_coverage(refs: Sequence[str], nbest_texts: Sequence[Sequence[str]],
+                        is_rare: Callable[[str], bool]) -> tuple[int, int]:
+    """(rare reference words, those that occur in at least one hypothesis of their utterance's N-best list).
+
+    The second count bounds the rare-word recall of any N-best rescoring: a word no hypothesis contains cannot be
+    recovered by choosing another hypothesis.
+    """
+    if len(refs) != len(nbest_texts):
+        raise DataError(f"coverage needs one N-best list per reference, got {len(nbest_texts)} for {len(refs)}")
+    tokens = covered = 0
+    for ref, hyps in zip(refs, nbest_texts):
+        words = set().union(*(h.split() for h in hyps)) if hyps else set()
+        for w in ref.split():
+            if is_rare(w):
+                tokens += 1
+                covered += w in words
+    return tokens, covered
+
+
 def oov_rate(texts: Iterable[str], vocab: frozenset[str] | set[str]) -> tuple[int, int]:
     """(OOV word tokens, word tokens) of whitespace-tokenised texts against a vocabulary."""
     oov = total = 0

@@ -8,10 +8,14 @@ from pflm.config import ServerConfig
 
 
 class ServerOptimizer:
-    """FedAvg (w += lr·Δ̄) or FedAdam (Reddi et al. 2021) over named global tensors.
+    """FedAvg (w += lr·Δ̄), FedAvgM (heavy-ball momentum) or FedAdam (Reddi et al. 2021) over named global tensors.
 
     `updates` maps a parameter name to (Δ̄, rows): rows=None updates the whole tensor; otherwise Δ̄ holds only the
-    listed rows (dim 0), and only those rows of the weights (and of the Adam moments) change.
+    listed rows (dim 0), and only those rows of the weights (and of the Adam moments) change. With momentum β > 0
+    (FedAvgM, Hsu et al. 2019; the server optimizer of the BLT and Gboard DP-FTRL papers) the step is
+    m ← β·m + Δ̄, w ← w + lr·m on the whole tensor: rows absent from this round's Δ̄ get a zero update, so their
+    buffer decays and still moves them. The model stays a fixed linear map of the released updates (what DP-FTRL's
+    noise cancellation needs); a row never released keeps m = 0 and never moves.
     """
 
     def __init__(self, cfg: ServerConfig) -> None:
@@ -24,6 +28,9 @@ class ServerOptimizer:
         self.steps += 1
         for name, (delta, rows) in updates.items():
             p = params[name]
+            if self.cfg.optimizer == "fedavg" and self.cfg.momentum > 0:
+                self._momentum_step(name, p, delta, rows)
+                continue
             if self.cfg.optimizer == "fedavg":
                 if rows is None:
                     p.add_(delta.view_as(p), alpha=self.cfg.lr)
@@ -46,6 +53,18 @@ class ServerOptimizer:
                 st["m"][rows] = m
                 st["v"][rows] = v
                 p.index_add_(0, rows, m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
+
+    def _momentum_step(self, name: str, p: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"buf": torch.zeros_like(p)}
+        buf = st["buf"]
+        buf.mul_(self.cfg.momentum)
+        if rows is None:
+            buf.add_(delta.view_as(p))
+        else:
+            buf.index_add_(0, rows, delta.to(p.dtype))
+        p.add_(buf, alpha=self.cfg.lr)
 
     def reset(self, names: list[str]) -> None:
         """Forget the moments of these parameters (e.g. LoRA adapters that were just restarted)."""

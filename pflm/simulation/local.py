@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import traceback
@@ -10,7 +11,8 @@ import numpy as np
 
 from pflm.aggregator.base import Aggregator
 from pflm.device.trainer import DeviceTrainer
-from pflm.device.update import device_update
+from pflm.device.update import device_update, finish_update
+from pflm.device.vectorized import VectorizedDevices
 from pflm.driver.fanout import DeviceFanout, RoundTally
 from pflm.errors import PflmError
 from pflm.privacy.clipping import NonFiniteUpdate
@@ -32,6 +34,9 @@ class LocalDevices(DeviceFanout):
         self.faults = FaultPlan(driver.cfg.faults, driver.run_key, driver.cfg.aggregation.kind)
         self.pool = DevicePool(driver.server.device_spec, driver.server.prior_counts, driver.workers)
         self.trainer: DeviceTrainer = self.pool.trainers[0]
+        self.vector: VectorizedDevices | None = None
+        if driver.server.device_spec.training.vectorize > 1:  # many devices per kernel (one group at a time)
+            self.vector = VectorizedDevices(self.trainer)
 
     def train_round(self, plan: RoundPlan, aggregator: Aggregator) -> RoundTally:
         self.pool.load_round(plan.round, plan.device_state, plan.rows)
@@ -43,7 +48,9 @@ class LocalDevices(DeviceFanout):
         nonfinite = 0
         device_eps: list[float] = []  # sample-level ε of each device's DP-SGD (not the user-level ε)
         faults = self.faults.plan(plan.round, plan.cohort)
-        for user, out in self.pool.map(device, [u for u in plan.cohort if faults.get(u) not in DROPPED_UNTRAINED]):
+        users = [u for u in plan.cohort if faults.get(u) not in DROPPED_UNTRAINED]
+        outs = self.vector_uploads(plan, aggregator, users) if self.vector else self.pool.map(device, users)
+        for user, out in outs:
             if isinstance(out, NonFiniteUpdate):
                 nonfinite += 1
                 aggregator.drop(user)
@@ -73,6 +80,26 @@ class LocalDevices(DeviceFanout):
         key = subkey(d.run_key, "device", plan.round, user)
         res, vec, aux = device_update(trainer, d.server.postprocessors, plan.ctx, user, d.fd.user_tokens("train", user), key)
         return res, aggregator.upload(user, vec, res.weight, aux)
+
+    def vector_uploads(self, plan: RoundPlan, aggregator: Aggregator, users: list[int]) -> Iterator[tuple]:
+        """(user, (result, upload) or exception) in cohort order, devices trained `device.vectorize` at a time."""
+        assert self.vector is not None
+        d = self.driver
+        size = d.server.device_spec.training.vectorize
+        for i in range(0, len(users), size):
+            group = users[i : i + size]
+            jobs = [(u, d.fd.user_tokens("train", u), subkey(d.run_key, "device", plan.round, u)) for u in group]
+            try:
+                results = self.vector.train_group(jobs)
+            except Exception as e:  # noqa: BLE001 - a bug: reported like a failing device
+                yield group[0], e
+                return
+            for u, res in zip(group, results):
+                try:
+                    vec, aux = finish_update(d.server.device_spec.weighting, d.server.postprocessors, plan.ctx, res)
+                    yield u, (res, aggregator.upload(u, vec, res.weight, aux))
+                except Exception as e:  # noqa: BLE001 - NonFiniteUpdate is handled by the caller
+                    yield u, e
 
     def _bug(self, round_idx: int, user: int, err: BaseException) -> PflmError:
         """A real exception in device code is a bug, not a simulated fault: keep the traceback in the run's

@@ -157,6 +157,13 @@ def max_error_squared(inv_coef: np.ndarray) -> float:
     return float(beta @ beta)
 
 
+def momentum_workload(n: int, momentum: float) -> np.ndarray:
+    """A_β: the model after round t is w_0 + lr·Σ_s A_β[t, s]·x̂_s under heavy-ball momentum β (β = 0: A)."""
+    t = np.arange(n)
+    col = (1 - momentum ** (t + 1)) / (1 - momentum)
+    return toeplitz_matrix(col, n)
+
+
 def _blt_unpack(v: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     theta = 1.0 / (1.0 + np.exp(-v[:d]))
     w = np.exp(v[d : 2 * d] - v[d : 2 * d].max())
@@ -273,6 +280,14 @@ class Strategy:
         if self.kind == "tree":
             return float(max(bin(m).count("1") for m in range(1, self.n + 1)))
         return max_error_squared(inverse_coefs(self.coefs(), self.n))
+
+    def model_error_squared(self, momentum: float = 0.0) -> float:
+        """max_t ‖row t of A_β·C⁻¹‖² (per σ²): variance of the model's noise per coordinate under FedAvgM with
+        momentum β (A_β[t, s] = Σ_{u=s..t} β^(u−s); β = 0 is the prefix sum, = max_error_squared)."""
+        if momentum == 0.0:
+            return self.max_error_squared()
+        b = momentum_workload(self.n, momentum) @ self.noise_matrix()
+        return float((b**2).sum(axis=1).max())
 
     def row_norms(self) -> np.ndarray:
         """‖(C⁻¹)_t‖ per round: the std (per σ·C·m̄/M) of the noise one coordinate gets in round t."""
