@@ -88,7 +88,11 @@ class WireTap:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            up = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # the SuperLink is not up (yet, or any more): the node retries, as without a tap
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
 
@@ -107,6 +111,7 @@ class WireTap:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     def close(self) -> None:
         self.sock.close()
