@@ -40,6 +40,25 @@ def data_prior_releases(data_privacy: dict | None) -> tuple[list[tuple[float, fl
         raise ConfigError("the data manifest's privacy.dp_release is malformed; re-run `pflm prepare`") from None
 
 
+def describe_guarantee(out: dict[str, Any], mech: Any, parts: list[str], per_round: str, reproducible: bool) -> None:
+    """The part of a central mechanism's summary every mechanism shares: what ε refers to (the mechanism's own
+    `parts`, then the DP vocabulary/prior release it is composed with), the noise-cohort note with the simulated
+    users' ε, and the reproducibility warning. `per_round` says how the simulated cohort is drawn."""
+    if mech.prior_history:
+        parts.append(f"composed with the DP vocabulary/prior release (σ={mech.prior_history[0][0]:g}, "
+                     f"threshold δ={mech.threshold_delta:g} included in δ)")
+    out["epsilon_refers_to"] = "; ".join(parts)
+    if mech.noise_cohort != mech.expected_cohort or mech.population != mech.train_users:
+        out["simulated_users_epsilon"] = mech.simulated_users_epsilon()
+        out["simulated_users_note"] = (
+            f"noise-cohort setting: the {mech.train_users} users this simulation trained ({mech.expected_cohort} "
+            f"{per_round}) get noise σ·{mech.expected_cohort}/{mech.noise_cohort} on their sum; "
+            "simulated_users_epsilon is the ε that holds for them"
+        )
+    if reproducible:
+        out["privacy_warning"] = REPRODUCIBLE_WARNING
+
+
 def check_data_privacy(cfg: RecipeConfig, data_privacy: dict, data_dir: str) -> None:
     """Refuse a DP run on data whose vocabulary or prior was computed from the training users without DP:
     both are released (the tokenizer file, the output bias, the PEU rows, the NCE noise distribution)."""
@@ -223,19 +242,7 @@ class DPMechanism:
             f"user-level (ε, δ)-DP (add/remove one user) for a population of {self.population} users with "
             f"Poisson-sampled cohorts of expected size {self.noise_cohort} (q={self.q:g}), {p.accountant} accountant"
         ]
-        if self.prior_history:
-            parts.append(f"composed with the DP vocabulary/prior release (σ={self.prior_history[0][0]:g}, "
-                         f"threshold δ={self.threshold_delta:g} included in δ)")
-        out["epsilon_refers_to"] = "; ".join(parts)
-        if self.noise_cohort != self.expected_cohort or self.population != self.train_users:
-            out["simulated_users_epsilon"] = self.simulated_users_epsilon()
-            out["simulated_users_note"] = (
-                f"noise-cohort setting: the {self.train_users} users this simulation trained ({self.expected_cohort} "
-                f"expected per round) get noise σ·{self.expected_cohort}/{self.noise_cohort} on their sum; "
-                "simulated_users_epsilon is the ε that holds for them"
-            )
-        if p.reproducible:
-            out["privacy_warning"] = REPRODUCIBLE_WARNING
+        describe_guarantee(out, self, parts, "expected per round", p.reproducible)
         if self.distributed is not None:
             out["mechanism"] = p.mechanism
             out["central_noise_multiplier"] = self.central_noise_multiplier

@@ -20,7 +20,7 @@ from pflm.privacy.clipping import L2Clip
 from pflm.privacy.dpftrl.accounting import calibrate_dpftrl, count_multiplier, dpftrl_epsilon
 from pflm.privacy.dpftrl.noise import CorrelatedNoisePostprocessor
 from pflm.privacy.dpftrl.strategy import Strategy, make_strategy, max_participations
-from pflm.privacy.mechanism import REPRODUCIBLE_WARNING, data_prior_releases
+from pflm.privacy.mechanism import data_prior_releases, describe_guarantee
 from pflm.secure_random import SecureRandom, subkey
 
 
@@ -159,17 +159,7 @@ class DPFTRLMechanism:
         ]
         if self.count_noise_std is not None:
             parts.append(f"composed with the adaptive-clipping counts (σ_b={self.count_noise_std:g} per round)")
-        if self.prior_history:
-            parts.append(f"composed with the DP vocabulary/prior release (σ={self.prior_history[0][0]:g}, "
-                         f"threshold δ={self.threshold_delta:g} included in δ)")
-        out["epsilon_refers_to"] = "; ".join(parts)
-        if self.noise_cohort != self.expected_cohort or self.population != self.train_users:
-            out["simulated_users_epsilon"] = self.simulated_users_epsilon()
-            out["simulated_users_note"] = (
-                f"noise-cohort setting: the {self.train_users} simulated users ({self.expected_cohort} per round) get "
-                f"noise σ·{self.expected_cohort}/{self.noise_cohort} on their sum; simulated_users_epsilon holds for them")
-        if p.reproducible:
-            out["privacy_warning"] = REPRODUCIBLE_WARNING
+        describe_guarantee(out, self, parts, "per round", p.reproducible)
         return out
 
     def state_dict(self) -> dict[str, Any]:
