@@ -132,8 +132,8 @@ class SecureAggregator(Aggregator):
         n = len(cohort)
         self._seed = ctx.seed if self.run_seed is None else self.run_seed
         self.plan = dropout_plan(cfg, self._seed, ctx.round, cohort)
-        if n < 3:  # an empty cohort is an empty sum (NoContributions at finalize), not a protocol failure
-            self._failure = "" if n == 0 else f"secure aggregation needs a cohort of at least 3 devices, got {n}"
+        if n < 3:
+            self._failure = f"secure aggregation needs a cohort of at least 3 devices, got {n}"
             return
         if not (math.isfinite(ctx.clip_bound) and ctx.clip_bound > 0):
             self._failure = f"the clip bound must be finite and > 0 to fix the encoding scale, got {ctx.clip_bound}"
@@ -333,16 +333,20 @@ class SecureAggregator(Aggregator):
             self._dropped.add(int(device_id))
 
     # ---------------------------------------------------------------- finalize: Unmasking + decoding
+    @property
+    def nobody_contributed(self) -> bool:
+        """An empty sum — nobody was sampled, or no masked input arrived in a round that did not fail — which a
+        central-DP run still releases (NoContributions), unlike a protocol failure."""
+        return not self.cohort or (self._failure is None and not self._contributed)
+
     def finalize(self) -> AggregateResult:
         if self.ctx is None:
             raise AggregationFailed("SecureAggregator.finalize called before begin()")
-        if self._failure == "":
-            raise NoContributions("the cohort of this round is empty")
+        if self.nobody_contributed:
+            raise NoContributions("no device contributed an update this round")
         if self._failure is not None:
             raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {self._failure}")
         u3 = set(self._contributed)
-        if not u3 or self.codec is None:
-            raise NoContributions("no device contributed an update this round")
         responders = {v for v in u3 if self.plan.get(v) != "unmask"}
         complaints = self.server.complaints if self.server is not None else None
         problem = recovery_problem(self.graph, self.u2, u3, responders, self.threshold, complaints)

@@ -81,7 +81,6 @@ class RemoteSecureAggregator(SecureAggregator):
         self.nonfinite = 0
         self._result: AggregateResult | None = None
         self._decoded_failure: str | None = None
-        self._empty = False  # nobody's masked input arrived: an empty sum (NoContributions), not a failure
         pctx = RoundContext(ctx.round, ctx.dim, sorted(perm), ctx.clip_bound, ctx.seed, dict(ctx.extra))
         self.registry = DeviceRegistry()  # this round's pseudonym → long-term key (malicious variant)
         super().begin(pctx)
@@ -215,8 +214,7 @@ class RemoteSecureAggregator(SecureAggregator):
 
     def finish(self, responses: dict[int, UnmaskResponse]) -> None:
         """Unmask and decode; the result (or the reason it failed) is kept for `finalize`."""
-        if self._failure == "" or (self._failure is None and not self._contributed):
-            self._empty = True
+        if self.nobody_contributed:  # an empty sum: finalize raises NoContributions
             return
         try:
             if self._failure is not None:
@@ -268,7 +266,7 @@ class RemoteSecureAggregator(SecureAggregator):
     def finalize(self) -> AggregateResult:
         if self.ctx is None:
             raise AggregationFailed("RemoteSecureAggregator.finalize called before begin()")
-        if self._empty or self._failure == "":
+        if self.nobody_contributed:
             raise NoContributions("no device contributed an update this round")
         if self._failure is not None and self._decoded_failure is None:
             raise AggregationFailed(f"secure aggregation of round {self.ctx.round} failed safely: {self._failure}")
