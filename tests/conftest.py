@@ -55,3 +55,17 @@ def tiny_overrides(data_dir: str, out_dir: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def crash_at_round(sim, monkeypatch, round_idx: int) -> None:
+    """Run `sim` until round `round_idx` raises (a simulated crash, like a SIGKILL between rounds)."""
+    real = sim.run_round
+
+    def crash(r):
+        if r == round_idx:
+            raise RuntimeError("simulated crash")
+        return real(r)
+
+    monkeypatch.setattr(sim, "run_round", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sim.run(progress=False)

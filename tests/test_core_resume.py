@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pflm.config import load_recipe
 from pflm.simulation.simulator import Simulator
-from tests.conftest import tiny_overrides
+from tests.conftest import crash_at_round, tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
 DP = {"privacy.noise_multiplier": 0.8, "privacy.adaptive_clipping.enabled": "true", "privacy.adaptive_clipping.count_noise_std": 2.0, "server.optimizer": "fedadam",
@@ -34,16 +34,7 @@ def test_resume_after_crash_equals_uninterrupted(synthetic_data, tmp_path, monke
     ref_summary = ref.run(progress=False)
 
     crashed = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **DP, **{"server.rounds": 5})))
-    real = crashed.run_round
-
-    def crash_at_3(r):
-        if r == 3:
-            raise RuntimeError("simulated crash")
-        return real(r)
-
-    monkeypatch.setattr(crashed, "run_round", crash_at_3)
-    with pytest.raises(RuntimeError):
-        crashed.run(progress=False)
+    crash_at_round(crashed, monkeypatch, 3)
     resumed = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **DP, **{"server.rounds": 5})))
     summary = resumed.run(progress=False)
     _same_weights(tmp_path / "a" / "tiny_synthetic", tmp_path / "b" / "tiny_synthetic")

@@ -14,7 +14,7 @@ from pflm.errors import ConfigError
 from pflm.secure_random import SecureRandom, new_key
 from pflm.server.participation import ParticipationScheduler
 from pflm.simulation.simulator import Simulator
-from tests.conftest import tiny_overrides
+from tests.conftest import crash_at_round, tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
 FTRL = {"privacy.mechanism": "dpftrl", "server.sampling": "available", "privacy.target_epsilon": 4.0,
@@ -71,16 +71,7 @@ def test_dpftrl_run_resumes_exactly_and_reports_its_guarantee(synthetic_data, tm
     ref = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "a"), **FTRL)))
     ref_summary = ref.run(progress=False)
     crashed = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **FTRL)))
-    real = crashed.run_round
-
-    def crash_at_4(r):
-        if r == 4:
-            raise RuntimeError("simulated crash")
-        return real(r)
-
-    monkeypatch.setattr(crashed, "run_round", crash_at_4)
-    with pytest.raises(RuntimeError):
-        crashed.run(progress=False)
+    crash_at_round(crashed, monkeypatch, 4)
     summary = Simulator(load_recipe(RECIPE, tiny_overrides(synthetic_data, str(tmp_path / "b"), **FTRL))).run(progress=False)
     wa = load_file(str(tmp_path / "a" / "tiny_synthetic" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "tiny_synthetic" / "model.safetensors"))

@@ -22,7 +22,7 @@ from pflm.server.run_key import KEY_FILE
 from pflm.server.sampling import sample_cohort
 from pflm.driver.metrics import DIAGNOSTICS_FILE, RELEASED
 from pflm.simulation.simulator import Simulator
-from tests.conftest import tiny_overrides
+from tests.conftest import crash_at_round, tiny_overrides
 
 RECIPE = "recipes/tiny_synthetic.yaml"
 DP = {"privacy.noise_multiplier": 1.0, "server.rounds": 4, "server.cohort_size": 8, "privacy.reproducible": "false"}
@@ -228,25 +228,12 @@ def test_a_failed_round_publishes_no_counts(synthetic_data, tmp_path, monkeypatc
 
 
 # ---- 6. resume never re-releases a round -----------------------------------------------------------------------
-def _crash_at(sim: Simulator, monkeypatch, round_idx: int) -> None:
-    real = sim.run_round
-
-    def crash(r):
-        if r == round_idx:
-            raise RuntimeError("simulated crash")
-        return real(r)
-
-    monkeypatch.setattr(sim, "run_round", crash)
-    with pytest.raises(RuntimeError):
-        sim.run(progress=False)
-
-
 RESUME = {"server.rounds": 5, "server.checkpoint_every": 2}
 
 
 def test_resumed_run_repeats_the_same_releases_and_counts_them_once(synthetic_data, tmp_path, monkeypatch):
     crashed = _sim(synthetic_data, tmp_path / "b", **RESUME)
-    _crash_at(crashed, monkeypatch, 3)  # round 2 was released, the checkpoint is after round 1: round 2 is redone
+    crash_at_round(crashed, monkeypatch, 3)  # round 2 was released, the checkpoint is after round 1: round 2 is redone
     run = tmp_path / "b" / "tiny_synthetic"
     (tmp_path / "a" / "tiny_synthetic").mkdir(parents=True)
     (tmp_path / "a" / "tiny_synthetic" / KEY_FILE).write_bytes((run / KEY_FILE).read_bytes())
@@ -263,7 +250,7 @@ def test_resumed_run_repeats_the_same_releases_and_counts_them_once(synthetic_da
 
 def test_redone_round_with_a_different_release_is_charged_twice(synthetic_data, tmp_path, monkeypatch):
     crashed = _sim(synthetic_data, tmp_path, **RESUME)
-    _crash_at(crashed, monkeypatch, 3)
+    crash_at_round(crashed, monkeypatch, 3)
     run = tmp_path / "tiny_synthetic"
     (run / KEY_FILE).unlink()  # the key is lost: the redo of round 2 releases different noise
     resumed = _sim(synthetic_data, tmp_path, **RESUME).run(progress=False)
@@ -288,7 +275,7 @@ def test_a_redo_with_a_different_aggregate_gets_fresh_noise(synthetic_data, tmp_
 
     monkeypatch.setattr(GaussianNoisePostprocessor, "on_server", spy)
     crashed = _sim(synthetic_data, tmp_path, **RESUME)
-    _crash_at(crashed, monkeypatch, 3)  # round 2 released, checkpoint after round 1
+    crash_at_round(crashed, monkeypatch, 3)  # round 2 released, checkpoint after round 1
     resumed = _sim(synthetic_data, tmp_path, **RESUME)
     finalize = resumed.aggregator.finalize
 
