@@ -27,9 +27,57 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from pflm.model.losses import token_losses
+
+
+class BodyRecorder:
+    """Keeps what Opacus' ghost norm hooks see in pass 1, (module, activations, backprops), for book-keeping.
+
+    Installed once per wrapped model: the ghost module's norm samplers are looked up on the instance
+    (``self.NORM_SAMPLERS[type(module)]``), so an instance copy of that table with recording wrappers shadows the
+    class one for this model only; each wrapper records, then returns Opacus' own norms unchanged."""
+
+    def __init__(self, hooks) -> None:
+        self.records: list[tuple[nn.Module, list[torch.Tensor], torch.Tensor]] | None = None
+        self.bookkept = False  # whether the last step's body sum came from the records (else a second backward)
+        table = dict(type(hooks).NORM_SAMPLERS)
+        hooks.NORM_SAMPLERS = {t: self._wrap(fn) for t, fn in table.items()}
+
+    def _wrap(self, fn):
+        def sampler(module, activations, backprops):
+            if self.records is not None:
+                self.records.append((module, activations, backprops))
+            return fn(module, activations, backprops)
+        return sampler
+
+
+def _bookkept_body(records, body: Sequence[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor] | None:
+    """sum_i c_i g_i of every body parameter from pass 1's activations and backprops (Linear: (c ⊙ G)^T A;
+    Embedding: rows index_add of c ⊙ G), or None if some module is of another type or a parameter is missed
+    (the caller then runs the second backward instead)."""
+    grads: dict[int, torch.Tensor] = {}
+    for module, acts, bp in records:
+        gc = bp * coef.view(-1, *([1] * (bp.dim() - 1))).to(bp.dtype)
+        if isinstance(module, nn.Embedding) and not module.sparse and module.max_norm is None:
+            if module.weight.requires_grad:
+                g = torch.zeros_like(module.weight).index_add_(0, acts[0].reshape(-1), gc.reshape(-1, gc.shape[-1]))
+                if module.padding_idx is not None:
+                    g[module.padding_idx] = 0
+                grads[id(module.weight)] = g
+        elif isinstance(module, nn.Linear):
+            g2 = gc.reshape(-1, gc.shape[-1])
+            if module.weight.requires_grad:
+                grads[id(module.weight)] = g2.t() @ acts[0].reshape(-1, acts[0].shape[-1]).to(g2.dtype)
+            if module.bias is not None and module.bias.requires_grad:
+                grads[id(module.bias)] = g2.sum(0)
+        else:
+            return None
+    if set(grads) != {id(p) for p in body}:
+        return None
+    return [grads[id(p)] for p in body]
 
 
 def fast_ghost_supported(lm: torch.nn.Module) -> bool:
@@ -73,12 +121,14 @@ def _gram_norm_sq(m: torch.Tensor, hv: torch.Tensor, counts: list[int]) -> torch
 
 def packed_clipped_step(lm: torch.nn.Module, params: Sequence[torch.nn.Parameter], hooks, max_grad_norm: float,
                         inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
-                        kind: str, sampler=None, log_z: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        kind: str, sampler=None, log_z: float = 0.0, recorder: BodyRecorder | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Set p.grad = sum_i c_i g_i for every p in `params` (c_i = min(1, C / (||g_i|| + 1e-6)), g_i the gradient
     of sentence i's mean token loss); returns (per-sentence losses [B], per-sentence norms [B]).
 
     `hooks`: the Opacus ghost-clipping module wrapping `lm` (its norm hooks give the body's per-sentence norms;
-    they are switched off for the second body pass)."""
+    they are switched off for the second body pass). With a `recorder` on `hooks`, the body's clipped sum is
+    book-kept from pass 1 (no second body backward) where every body module is a Linear or an Embedding."""
     mask = mask.bool()
     bsz = mask.shape[0]
     weight, bias = lm.output_weight(), lm.output_bias()
@@ -105,7 +155,14 @@ def packed_clipped_step(lm: torch.nn.Module, params: Sequence[torch.nn.Parameter
         dh = h.new_zeros(h.shape)
         dh[mask] = m @ w_used
         # pass 1: Opacus' norm hooks see sum-loss backprops (they rescale "mean" backprops by the batch size)
-        torch.autograd.grad(h, body, grad_outputs=dh / bsz, retain_graph=True, allow_unused=True)
+        if recorder is not None:
+            recorder.records = []
+        try:
+            torch.autograd.grad(h, body, grad_outputs=dh / bsz, retain_graph=True, allow_unused=True)
+        finally:
+            records = recorder.records if recorder is not None else None
+            if recorder is not None:
+                recorder.records = None
         try:
             sq = sq + torch.stack([p._norm_sample for p in body]).pow(2).sum(0)  # type: ignore[attr-defined]
         except AttributeError as e:
@@ -123,11 +180,15 @@ def packed_clipped_step(lm: torch.nn.Module, params: Sequence[torch.nn.Parameter
         bias.grad = gb if rows is None else torch.zeros_like(bias).index_add_(0, rows, gb)
     if body:
         assert dh is not None
-        hooks.disable_hooks()
-        try:  # pass 2: sum_i c_i dh_i through the body
-            grads = torch.autograd.grad(h, body, grad_outputs=dh * coef.view(-1, 1, 1), allow_unused=True)
-        finally:
-            hooks.enable_hooks()
+        grads = None if records is None else _bookkept_body(records, body, coef)
+        if recorder is not None:
+            recorder.bookkept = grads is not None
+        if grads is None:
+            hooks.disable_hooks()
+            try:  # pass 2: sum_i c_i dh_i through the body
+                grads = torch.autograd.grad(h, body, grad_outputs=dh * coef.view(-1, 1, 1), allow_unused=True)
+            finally:
+                hooks.enable_hooks()
         for p, g in zip(body, grads):
             p.grad = torch.zeros_like(p) if g is None else g
     return per_seq.detach(), norms

@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pflm.device.batching import check_device_key
-from pflm.device.dp_fast import fast_ghost_supported, packed_clipped_step
+from pflm.device.dp_fast import BodyRecorder, fast_ghost_supported, packed_clipped_step
 from pflm.device.ghost import ghost_clipped_backward
 from pflm.epsilon import epsilon_from_history
 from pflm.errors import ConfigError
@@ -277,6 +277,7 @@ class DeviceDPSGD:
         self.gsm = prepare_module(self.net, mode, True, **kwargs)
         # ghost: the packed head + book-kept clipped sum (pflm.device.dp_fast) unless off or the head is tied
         self.fast = mode == "ghost" and self.cfg.fast_ghost and fast_ghost_supported(lm)
+        self.recorder = BodyRecorder(self.gsm) if self.fast else None
         opt_cls = SecureDPOptimizerFastGradientClipping if mode == "ghost" else SecureDPOptimizer
         self.optimizer = opt_cls(trainer.optimizer, noise_multiplier=self.cfg.noise_multiplier,
                                  max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=1,
@@ -337,7 +338,7 @@ class DeviceDPSGD:
             tr = self.trainer
             per_seq, norms = packed_clipped_step(self.net.lm, self.params, self.gsm, self.cfg.max_grad_norm, inputs,
                                                  targets, mask, noise, tr.loss_cfg.kind, tr.sampler,
-                                                 tr.loss_cfg.nce_log_z)
+                                                 tr.loss_cfg.nce_log_z, self.recorder)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return per_seq, norms
