@@ -171,12 +171,12 @@ def packed_clipped_step(lm: torch.nn.Module, params: Sequence[torch.nn.Parameter
                                "grad_sample_mode=hooks") from e
     norms = sq.clamp(min=0).sqrt()
     coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    mc = m * coef[seq].unsqueeze(1)
+    cs = coef[seq].to(m.dtype)  # [N]: each valid position's sentence factor
     if weight.requires_grad:
-        gw = mc.t() @ hv  # [C, H]: the head's clipped sum in one product
+        gw = m.t() @ (hv * cs.unsqueeze(1))  # [C, H]: the head's clipped sum (c ⊙ M)^T H in one product
         weight.grad = gw if rows is None else torch.zeros_like(weight).index_add_(0, rows, gw)
     if bias is not None and bias.requires_grad:
-        gb = mc.sum(0)
+        gb = m.t() @ cs
         bias.grad = gb if rows is None else torch.zeros_like(bias).index_add_(0, rows, gb)
     if body:
         assert dh is not None
