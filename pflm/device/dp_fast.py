@@ -11,10 +11,12 @@ the expected batch size), computed with less work on the LM's largest layer:
 * The head's per-sentence norms from its own Gram blocks: with M = dL/dS [N, C] (rows of sentence i: M_i,
   H_i), ||M_i^T H_i||^2 = <M_i M_i^T, H_i H_i^T> and the bias ||sum_t M_i,t||^2, from valid rows only
   (padded positions never enter, whatever they hold).
-* Book-keeping (Bu et al. 2023, arXiv 2210.00038) for the head: its clipped sum is ONE product
-  (c ⊙ M)^T H [C, H], no second backward through it. The rest of the network (LSTM, embedding, LoRA
-  adapters: Opacus-hooked modules, as before) gets dh = M W[U] once: pass 1 fires Opacus' ghost norm hooks,
-  pass 2 back-propagates c_i·dh_i with hooks off (the body is ~1/6 of the head's work at 10k words).
+* Book-keeping (Bu et al. 2023, arXiv 2210.00038): no second backward. The head's clipped sum is ONE product
+  M^T (c ⊙ H) [C, H]. The rest of the network (LSTM, embedding, LoRA adapters: Opacus-hooked modules, as
+  before) gets dh = M W[U] in one backward that fires Opacus' ghost norm hooks; `BodyRecorder` keeps each
+  module's activations A and backprops G from it, and the clipped sums are (c ⊙ G)^T A (Linear, incl. the fused
+  DP-LSTM's whole-sequence Linears) and a row index_add of c ⊙ G (Embedding). A body with any other module type
+  (e.g. a Transformer's LayerNorm) takes a second, c-scaled backward through the body only (`bookkept` False).
 
 Randomness and accounting are untouched: the Poisson batches, the NCE noise words (same generator draws) and the
 keyed Gaussian noise are drawn exactly as on the Opacus path, by the same callers. Not used (the caller falls back

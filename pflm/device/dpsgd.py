@@ -16,6 +16,9 @@ clipping without per-sample gradients). Per device: Poisson sampling of its sent
 (``dpsgd.sample_rate`` or batch_size / #sentences), round(epochs / q) steps, per-sentence clipping to
 ``max_grad_norm``, Gaussian noise σ·max_grad_norm on the sum, division by the expected batch size q·n. An empty
 Poisson batch still takes a (noise-only) step, as the accountant assumes.
+In ghost mode with an untied output layer, ``dpsgd.fast_ghost`` (default true) computes the same norms and
+clipped sum with `pflm.device.dp_fast` (output layer at valid positions only, book-kept clipped sums, one body
+backward) and hands them to the same optimizer; tied heads and ``fast_ghost: false`` take Opacus' two passes.
 
 Randomness. The two draws the guarantee rests on, the Poisson batches and the Gaussian noise, come from
 ``SecureRandom(subkey(device_key, "dpsgd"))`` (ChaCha20 keyed by the device's secret key): batches from stream
