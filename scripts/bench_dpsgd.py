@@ -83,7 +83,8 @@ def run_child(args: argparse.Namespace) -> dict:
         "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
         f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
         f"dpsgd.grad_sample_mode={'ghost' if mode == 'fast' else mode or 'hooks'}",
-        f"dpsgd.fast_ghost={'true' if mode == 'fast' else 'false'}", f"dpsgd.noise_multiplier={sigma}", "dpsgd.max_grad_norm=1.0",
+        f"dpsgd.fast_ghost={'true' if mode == 'fast' else 'false'}", f"dpsgd.noise_multiplier={sigma}",
+        "dpsgd.max_grad_norm=1.0",
         f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", f"data.max_tokens={args.seq}",
     ]
     cfg = load_recipe(None, over)
