@@ -166,3 +166,16 @@ def test_tied_head_falls_back_to_opacus_ghost(synthetic_data, tmp_path):
     assert not sim.fanout.trainer.dpsgd.fast  # the documented fallback: Opacus' two-pass ghost clipping
     off = make_sim(synthetic_data, tmp_path, "off", **{"dpsgd.grad_sample_mode": "ghost", "dpsgd.fast_ghost": "false"})
     assert not off.fanout.trainer.dpsgd.fast
+
+
+def test_first_pass_asks_one_cheap_parameter_per_module(synthetic_data, tmp_path):
+    from pflm.device.dp_fast import _pass1_targets
+
+    sim = make_sim(synthetic_data, tmp_path, "p1", **{"dpsgd.grad_sample_mode": "ghost", "model.num_layers": 2})
+    lm = sim.fanout.trainer.model
+    head = {id(lm.output_weight()), id(lm.output_bias())}
+    body = [p for p in sim.fanout.trainer.trainable if id(p) not in head]
+    got = {id(p) for p in _pass1_targets(lm, body)}
+    cells = [getattr(lm.rnn, f"l{k}") for k in range(2)]
+    # the LSTM's weight products are left to the book-keeping; its biases reach every hooked Linear
+    assert got == {id(lm.embedding.weight)} | {id(getattr(c, kind).bias) for c in cells for kind in ("ih", "hh")}

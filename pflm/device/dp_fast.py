@@ -82,6 +82,21 @@ def _bookkept_body(records, body: Sequence[torch.Tensor], coef: torch.Tensor) ->
     return [grads[id(p)] for p in body]
 
 
+def _pass1_targets(lm: nn.Module, body: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One trainable parameter per module owning body parameters (its bias if trainable): asking autograd for
+    these reaches every hooked module (so every norm hook fires) without computing the weight products the
+    book-keeping recomputes with the clip factors (autograd skips the gradient of an unrequested weight)."""
+    want = {id(p) for p in body}
+    out: list[torch.Tensor] = []
+    for module in lm.modules():
+        inner = {id(p) for child in module.children() for p in child.parameters()}  # DPLSTM aliases its cells'
+        own = [p for p in module.parameters(recurse=False) if id(p) in want and id(p) not in inner]
+        if own:
+            bias = getattr(module, "bias", None)
+            out.append(bias if any(bias is p for p in own) else own[0])
+    return out
+
+
 def fast_ghost_supported(lm: torch.nn.Module) -> bool:
     """Whether `packed_clipped_step` applies: an untied output Linear (weight [V, H] used by the head only)."""
     return getattr(lm, "output", None) is not None and lm.output_weight() is not lm.embedding.weight
@@ -160,7 +175,8 @@ def packed_clipped_step(lm: torch.nn.Module, params: Sequence[torch.nn.Parameter
         if recorder is not None:
             recorder.records = []
         try:
-            torch.autograd.grad(h, body, grad_outputs=dh / bsz, retain_graph=True, allow_unused=True)
+            targets_1 = _pass1_targets(lm, body) if recorder is not None else list(body)
+            torch.autograd.grad(h, targets_1, grad_outputs=dh / bsz, retain_graph=True, allow_unused=True)
         finally:
             records = recorder.records if recorder is not None else None
             if recorder is not None:
