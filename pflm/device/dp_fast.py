@@ -13,7 +13,8 @@ the expected batch size), computed with less work on the LM's largest layer:
   (padded positions never enter, whatever they hold).
 * Book-keeping (Bu et al. 2023, arXiv 2210.00038): no second backward. The head's clipped sum is ONE product
   M^T (c ⊙ H) [C, H]. The rest of the network (LSTM, embedding, LoRA adapters: Opacus-hooked modules, as
-  before) gets dh = M W[U] in one backward that fires Opacus' ghost norm hooks; `BodyRecorder` keeps each
+  before) gets dh = M W[U] in one backward that fires Opacus' ghost norm hooks (autograd is asked for one
+  parameter per module, its bias where trainable, so no weight product is wasted); `BodyRecorder` keeps each
   module's activations A and backprops G from it, and the clipped sums are (c ⊙ G)^T A (Linear, incl. the fused
   DP-LSTM's whole-sequence Linears) and a row index_add of c ⊙ G (Embedding). A body with any other module type
   (e.g. a Transformer's LayerNorm) takes a second, c-scaled backward through the body only (`bookkept` False).
