@@ -71,6 +71,9 @@ class DPSGDConfig:
     # ghost/hooks: run the LSTM fused with whole-sequence Linears (pflm.model.fused_dplstm; same per-sample
     # gradients as Opacus' step-by-step DPLSTM, several times faster); false = Opacus' DPLSTM forward
     fused_lstm: bool = True
+    # ghost: output layer at valid positions only, its clipped sum book-kept (pflm.device.dp_fast; same clipping,
+    # noise and accounting); false, or a tied output layer = Opacus' two-pass ghost clipping on the padded head
+    fast_ghost: bool = True
 
     def __post_init__(self) -> None:
         _check(self.max_grad_norm > 0, "dpsgd.max_grad_norm must be > 0")
@@ -78,6 +81,7 @@ class DPSGDConfig:
         _check(0 < self.delta < 1, "dpsgd.delta must be in (0, 1)")
         _check(0 <= self.sample_rate <= 1, "dpsgd.sample_rate must be in [0, 1]")
         _check(isinstance(self.fused_lstm, bool), "dpsgd.fused_lstm must be true or false")
+        _check(isinstance(self.fast_ghost, bool), "dpsgd.fast_ghost must be true or false")
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Each configuration runs in a fresh subprocess (peak RSS = that process's VmHWM), with glibc malloc told to keep
 big per-sample tensors mapped (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, see /work/shared/NOTES.md).
 The device trains synthetic Zipf-distributed sentences through the real `DeviceTrainer` (same code path as the
-simulator). Configurations: PEU top-k rows + LoRA (the recipe's setting) and the full vocabulary.
+simulator). Configurations: PEU top-k rows + LoRA (the recipe's setting) and the full vocabulary; non-DP, Opacus'
+ghost clipping on the padded head ("ghost_*") and the packed head with its book-kept clipped sum ("fast_*",
+pflm.device.dp_fast) side by side.
 
     python scripts/bench_dpsgd.py --vocab 50000 --k 2000 --devices 6
 prints one JSON object: per configuration the median step time (s), per-device setup (s), steps and peak RSS (MB).
@@ -21,13 +23,18 @@ import time
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
-CONFIGS = {  # name -> (dpsgd mode or None, PEU on, LSTM: "fused" (pflm.model.fused_dplstm) or Opacus' "opacus" DPLSTM)
+# name -> (dpsgd mode or None, PEU on, LSTM: "fused" (pflm.model.fused_dplstm) or Opacus' "opacus" DPLSTM).
+# "ghost_*": Opacus' two-pass ghost clipping on the padded head (dpsgd.fast_ghost=false); "fast_*": the packed
+# head with its book-kept clipped sum (pflm.device.dp_fast, dpsgd.fast_ghost=true).
+CONFIGS = {
     "nodp_peu_lora": (None, True, "fused"),
+    "fast_peu_lora": ("fast", True, "fused"),
     "ghost_peu_lora": ("ghost", True, "fused"),
     "ghost_opacus_peu_lora": ("ghost", True, "opacus"),
     "hooks_peu_lora": ("hooks", True, "fused"),
     "hooks_opacus_peu_lora": ("hooks", True, "opacus"),
     "nodp_full_lora": (None, False, "fused"),
+    "fast_full_lora": ("fast", False, "fused"),
     "ghost_full_lora": ("ghost", False, "fused"),
     "ghost_opacus_full_lora": ("ghost", False, "opacus"),
     "hooks_full_lora": ("hooks", False, "fused"),
@@ -75,7 +82,9 @@ def run_child(args: argparse.Namespace) -> dict:
         f"dpsgd.fused_lstm={'true' if lstm == 'fused' else 'false'}",
         "model.tie_embeddings=false", f"device.batch_size={args.batch}", "device.lr=0.1",
         f"device.loss={args.loss}", f"dpsgd.enabled={'true' if mode else 'false'}",
-        f"dpsgd.grad_sample_mode={mode or 'hooks'}", f"dpsgd.noise_multiplier={sigma}", "dpsgd.max_grad_norm=1.0",
+        f"dpsgd.grad_sample_mode={'ghost' if mode == 'fast' else mode or 'hooks'}",
+        f"dpsgd.fast_ghost={'true' if mode == 'fast' else 'false'}", f"dpsgd.noise_multiplier={sigma}",
+        "dpsgd.max_grad_norm=1.0",
         f"peu.mode={'topk' if peu else 'all'}", f"peu.k={args.k}", f"data.max_tokens={args.seq}",
     ]
     cfg = load_recipe(None, over)

@@ -16,6 +16,9 @@ clipping without per-sample gradients). Per device: Poisson sampling of its sent
 (``dpsgd.sample_rate`` or batch_size / #sentences), round(epochs / q) steps, per-sentence clipping to
 ``max_grad_norm``, Gaussian noise σ·max_grad_norm on the sum, division by the expected batch size q·n. An empty
 Poisson batch still takes a (noise-only) step, as the accountant assumes.
+In ghost mode with an untied output layer, ``dpsgd.fast_ghost`` (default true) computes the same norms and
+clipped sum with `pflm.device.dp_fast` (output layer at valid positions only, book-kept clipped sums, one body
+backward) and hands them to the same optimizer; tied heads and ``fast_ghost: false`` take Opacus' two passes.
 
 Randomness. The two draws the guarantee rests on, the Poisson batches and the Gaussian noise, come from
 ``SecureRandom(subkey(device_key, "dpsgd"))`` (ChaCha20 keyed by the device's secret key): batches from stream
@@ -45,14 +48,14 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
-from torch.nn import functional as F
 
 from pflm.device.batching import check_device_key
+from pflm.device.dp_head import DPOutputHead
+from pflm.device.dp_fast import BodyRecorder, fast_ghost_supported, packed_clipped_step
 from pflm.device.ghost import ghost_clipped_backward
 from pflm.epsilon import epsilon_from_history
 from pflm.errors import ConfigError
@@ -106,8 +109,8 @@ class _SecureNoise:
             k = g.numel()
             if noise is None:
                 p.grad = (g + 0.0).view_as(p)
-            else:
-                p.grad = (g + noise[off : off + k].view(g.shape).to(device=g.device, dtype=g.dtype)).view_as(p)
+            else:  # in place: the clipped sum is not read again (zero_grad drops it); saves a weight-sized copy
+                p.grad = g.add_(noise[off : off + k].view(g.shape).to(device=g.device, dtype=g.dtype)).view_as(p)
             off += k
             _mark_as_processed(p.summed_grad)
 
@@ -117,84 +120,15 @@ class SecureDPOptimizer(_SecureNoise, DPOptimizer):
 
 
 class SecureDPOptimizerFastGradientClipping(_SecureNoise, DPOptimizerFastGradientClipping):
-    """Opacus' ghost-clipping optimizer with keyed-CSPRNG noise."""
+    """Opacus' ghost-clipping optimizer with keyed-CSPRNG noise; `accumulate` takes p.grad without Opacus' deep
+    copy (p.grad is the clipped sum of one backward, replaced by the noised one in `add_noise`)."""
 
-
-class DPOutputHead(nn.Module):
-    """The LM output layer as one Opacus-visible module, sharing the model's output weight [V, H] and bias [V].
-
-    ``head(h)`` -> full logits [B, T, V]; ``head(h, cand)`` with candidate row ids cand [B, C] -> scores
-    [B, T, C] = h · weight[cand] + bias[cand] (each sentence scores its own candidate rows)."""
-
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-
-    def forward(self, h: torch.Tensor, cand: torch.Tensor | None = None) -> torch.Tensor:
-        if cand is None:
-            return F.linear(h, self.weight, self.bias)
-        s = torch.bmm(h, self.weight[cand].transpose(1, 2))
-        if self.bias is not None:
-            s = s + self.bias[cand].unsqueeze(1)
-        return s
-
-
-def _head_per_row(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of the gathered candidates: weight part [B, C, H], bias part [B, C]."""
-    h = activations[0].to(backprops.dtype)
-    return torch.einsum("btc,bth->bch", backprops, h), backprops.sum(1)
-
-
-@register_grad_sampler(DPOutputHead)
-def _head_grad_sample(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
-                      ) -> dict[nn.Parameter, torch.Tensor]:
-    ret: dict[nn.Parameter, torch.Tensor] = {}
-    if len(activations) == 1:  # full logits: exactly nn.Linear's per-sample gradient
-        h = activations[0].to(backprops.dtype)
-        if head.weight.requires_grad:
-            ret[head.weight] = torch.einsum("n...i,n...j->nij", backprops, h)
-        if head.bias is not None and head.bias.requires_grad:
-            ret[head.bias] = torch.einsum("n...k->nk", backprops)
-        return ret
-    cand = activations[1]
-    gw, gb = _head_per_row(head, activations, backprops)
-    b, v = cand.shape[0], head.weight.shape[0]
-    if head.weight.requires_grad:
-        idx = cand.unsqueeze(-1).expand(-1, -1, gw.shape[-1])
-        ret[head.weight] = gw.new_zeros(b, v, gw.shape[-1]).scatter_add_(1, idx, gw)
-    if head.bias is not None and head.bias.requires_grad:
-        ret[head.bias] = gb.new_zeros(b, v).scatter_add_(1, cand, gb)
-    return ret
-
-
-@register_norm_sampler(DPOutputHead)
-def _head_norm_sample(head: DPOutputHead, activations: list[torch.Tensor], backprops: torch.Tensor
-                      ) -> dict[nn.Parameter, torch.Tensor]:
-    """Ghost clipping: per-sample gradient norms without the dense [B, V, H] tensor."""
-    ret: dict[nn.Parameter, torch.Tensor] = {}
-    if len(activations) == 1:  # full logits: Gram-matrix trick, ||sum_t g_t h_t^T||^2 = <G G^T, H H^T>
-        h = activations[0].to(backprops.dtype)
-        ggt = torch.einsum("btk,bsk->bts", backprops, backprops)
-        if head.weight.requires_grad:
-            aat = torch.einsum("btk,bsk->bts", h, h)
-            ret[head.weight] = torch.einsum("bts,bts->b", ggt, aat).clamp(min=0).sqrt()
-        if head.bias is not None and head.bias.requires_grad:
-            ret[head.bias] = ggt.sum((1, 2)).clamp(min=0).sqrt()
-        return ret
-    cand = activations[1]
-    gw, gb = _head_per_row(head, activations, backprops)
-    # Candidate ids repeat (shared noise words, repeated targets): merge them per sample before the norm, over
-    # the union U of rows this batch touched ([B, |U|, H], |U| <= k + B*T), not all V rows.
-    uniq, inv = torch.unique(cand, return_inverse=True)
-    if head.weight.requires_grad:
-        dense = gw.new_zeros(cand.shape[0], uniq.numel(), gw.shape[-1])
-        dense.scatter_add_(1, inv.unsqueeze(-1).expand(-1, -1, gw.shape[-1]), gw)
-        ret[head.weight] = dense.flatten(1).norm(dim=1)
-    if head.bias is not None and head.bias.requires_grad:
-        ret[head.bias] = gb.new_zeros(cand.shape[0], uniq.numel()).scatter_add_(1, inv, gb).norm(dim=1)
-    return ret
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad.data)
+            else:
+                p.summed_grad = p.grad.data
 
 
 class _DPNet(nn.Module):
@@ -274,6 +208,9 @@ class DeviceDPSGD:
         if mode == "ghost":
             kwargs.update(max_grad_norm=self.cfg.max_grad_norm, use_ghost_clipping=True)
         self.gsm = prepare_module(self.net, mode, True, **kwargs)
+        # ghost: the packed head + book-kept clipped sum (pflm.device.dp_fast) unless off or the head is tied
+        self.fast = mode == "ghost" and self.cfg.fast_ghost and fast_ghost_supported(lm)
+        self.recorder = BodyRecorder(self.gsm) if self.fast else None
         opt_cls = SecureDPOptimizerFastGradientClipping if mode == "ghost" else SecureDPOptimizer
         self.optimizer = opt_cls(trainer.optimizer, noise_multiplier=self.cfg.noise_multiplier,
                                  max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=1,
@@ -330,6 +267,14 @@ class DeviceDPSGD:
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One clipped+noised step on a non-empty batch; returns (per-sentence losses, per-sentence norms)."""
         noise = self._noise_words(gen)
+        if self.fast:
+            tr = self.trainer
+            per_seq, norms = packed_clipped_step(self.net.lm, self.params, self.gsm, self.cfg.max_grad_norm, inputs,
+                                                 targets, mask, noise, tr.loss_cfg.kind, tr.sampler,
+                                                 tr.loss_cfg.nce_log_z, self.recorder)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return per_seq, norms
         per_seq = self.gsm(inputs, targets, mask, noise)
         if self.cfg.grad_sample_mode == "ghost":
             for p in self.params:  # a norm left from an earlier step must never be reused
