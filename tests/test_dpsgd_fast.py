@@ -24,6 +24,7 @@ CASES = {  # name -> overrides on top of dpsgd on, σ = 0
                          "device.train_embeddings": "true"},
     "full_lora_frozen_head": {"model.lora.rank": 4, "device.train_embeddings": "false"},
     "full_2layers": {"model.num_layers": 2},
+    "full_opacus_dplstm": {"dpsgd.fused_lstm": "false"},  # Opacus' step-by-step DPLSTM: one record per time step
     "nce_transformer": {"device.loss": "nce", "model.arch": "transformer", "model.num_layers": 1},
 }
 
@@ -93,7 +94,9 @@ def test_clipped_sum_equals_opacus_per_sample_gradients(synthetic_data, tmp_path
         torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         if bookkeep:  # LSTM bodies are Linears + Embedding: book-kept; the transformer falls back explicitly
-            assert fast.fanout.trainer.dpsgd.recorder.bookkept == ("transformer" not in case)
+            # Opacus' own DPLSTM has no ghost norm sampler for its per-step Linears: the body is not recorded
+            assert fast.fanout.trainer.dpsgd.recorder.bookkept == (case not in {"nce_transformer",
+                                                                                "full_opacus_dplstm"})
     # a bound above every norm: the plain sum of per-sentence gradients
     _, _, unclipped = _fast_step(fast, inputs, targets, mask, 1e6)
     torch.testing.assert_close(unclipped, flat.sum(0), rtol=1e-4, atol=1e-6)
@@ -179,3 +182,21 @@ def test_first_pass_asks_one_cheap_parameter_per_module(synthetic_data, tmp_path
     cells = [getattr(lm.rnn, f"l{k}") for k in range(2)]
     # the LSTM's weight products are left to the book-keeping; its biases reach every hooked Linear
     assert got == {id(lm.embedding.weight)} | {id(getattr(c, kind).bias) for c in cells for kind in ("ih", "hh")}
+
+
+def test_bookkeeping_sums_every_call_of_a_module():
+    """A Linear called twice in one forward leaves two (activations, backprops) records; its clipped gradient is
+    the sum over both calls (keeping only the last call's would release a partial gradient whose norm the clip
+    bound does not cover)."""
+    from pflm.device.dp_fast import _bookkept_body
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    a1, a2 = torch.randn(4, 5, 3), torch.randn(4, 5, 3)
+    g1, g2 = torch.randn(4, 5, 2), torch.randn(4, 5, 2)
+    coef = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    gw, gb = _bookkept_body([(lin, [a1], g1), (lin, [a2], g2)], [lin.weight, lin.bias], coef)
+    c = coef.view(4, 1, 1)
+    want_w = torch.einsum("btk,bth->kh", c * g1, a1) + torch.einsum("btk,bth->kh", c * g2, a2)
+    torch.testing.assert_close(gw, want_w)
+    torch.testing.assert_close(gb, (c * g1).sum((0, 1)) + (c * g2).sum((0, 1)))

@@ -57,6 +57,12 @@ class BodyRecorder:
         return sampler
 
 
+def _accumulate(grads: dict[int, torch.Tensor], p: torch.Tensor, g: torch.Tensor) -> None:
+    """A module called several times in one forward (e.g. a per-time-step Linear) leaves one record per call:
+    its gradient is the sum over the calls, never the last call's alone."""
+    grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+
+
 def _bookkept_body(records, body: Sequence[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor] | None:
     """sum_i c_i g_i of every body parameter from pass 1's activations and backprops (Linear: (c ⊙ G)^T A;
     Embedding: rows index_add of c ⊙ G), or None if some module is of another type or a parameter is missed
@@ -69,13 +75,13 @@ def _bookkept_body(records, body: Sequence[torch.Tensor], coef: torch.Tensor) ->
                 g = torch.zeros_like(module.weight).index_add_(0, acts[0].reshape(-1), gc.reshape(-1, gc.shape[-1]))
                 if module.padding_idx is not None:
                     g[module.padding_idx] = 0
-                grads[id(module.weight)] = g
+                _accumulate(grads, module.weight, g)
         elif isinstance(module, nn.Linear):
             g2 = gc.reshape(-1, gc.shape[-1])
             if module.weight.requires_grad:
-                grads[id(module.weight)] = g2.t() @ acts[0].reshape(-1, acts[0].shape[-1]).to(g2.dtype)
+                _accumulate(grads, module.weight, g2.t() @ acts[0].reshape(-1, acts[0].shape[-1]).to(g2.dtype))
             if module.bias is not None and module.bias.requires_grad:
-                grads[id(module.bias)] = g2.sum(0)
+                _accumulate(grads, module.bias, g2.sum(0))
         else:
             return None
     if set(grads) != {id(p) for p in body}:
