@@ -86,3 +86,14 @@ def test_pretrained_output_is_rescorable_and_labelled_public(pretrained):
     assert a > b  # it learned public word order
     assert privacy_label(pretrained).startswith("PUBLIC data only")
     assert json.loads((pretrained / "data_manifest.json").read_text())["privacy"]["vocabulary"] == "public"
+
+
+def test_missing_starting_weights_are_refused_before_anything_is_written(synthetic_data, tmp_path):
+    """`server.init_from` pointing nowhere: one ConfigError, and no run directory (no orphan secret key file)."""
+    cfg = load_recipe("recipes/tiny_synthetic.yaml",
+                      tiny_overrides(synthetic_data, str(tmp_path / "runs"), **{"server.rounds": 1,
+                                                                                 "privacy.reproducible": "false"})
+                      + SMALL + [f"server.init_from={tmp_path / 'nowhere' / 'model.safetensors'}"])
+    with pytest.raises(ConfigError, match="not found"):
+        Simulator(cfg)
+    assert not (tmp_path / "runs").exists()

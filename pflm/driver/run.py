@@ -31,6 +31,7 @@ from pflm.driver.tensorboard import TensorBoardLog
 from pflm.errors import AggregationFailed, NoContributions, PflmError
 from pflm.evaluation.perplexity import evaluate, load_eval_set, unigram_baseline
 from pflm.io_utils import atomic_write_json, atomic_write_text
+from pflm.model.pretrained import check_public_weights, manifest_tokenizer_sha256
 from pflm.privacy.mechanism import check_data_privacy
 from pflm.round import AggregateResult, RoundPlan
 from pflm.runtime import torch_threads
@@ -83,6 +84,8 @@ class RunDriver:
         counts = self.fd.prior_counts()  # public or DP prior: PEU row choice, NCE noise, output-bias init
         self.run_dir = cfg.run_dir
         self.tensorboard = TensorBoardLog(self.run_dir, RELEASED) if cfg.logging.tensorboard else None
+        if cfg.server.init_from:  # unusable starting weights are refused before the run directory gets a key file
+            check_public_weights(cfg.server.init_from, manifest_tokenizer_sha256(cfg.data.dir))
         self._check_compatible_run()
         self.run_key = load_or_create_run_key(self.run_dir, cfg.privacy.reproducible, cfg.seed)
         self.server = FederatedServer(

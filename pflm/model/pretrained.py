@@ -39,15 +39,22 @@ def read_provenance(weights: str | Path) -> dict[str, Any]:
     return info
 
 
+def check_public_weights(weights: str | Path, tokenizer_sha256: str | None) -> dict[str, Any]:
+    """The provenance of `weights` if a run with this tokenizer may start from them (public data, same
+    tokenizer); a ConfigError otherwise. Cheap: the run driver calls it before it writes anything."""
+    info = read_provenance(weights)
+    if tokenizer_sha256 is not None and info.get("tokenizer_sha256") != tokenizer_sha256:
+        raise ConfigError(f"server.init_from {weights} was pretrained with another tokenizer; pretrain again with "
+                          "`pflm pretrain --data` on this run's data directory")
+    return info
+
+
 @torch.no_grad()
 def load_pretrained(model: torch.nn.Module, weights: str | Path, tokenizer_sha256: str | None) -> dict[str, Any]:
     """Copy public pretrained weights into `model` (same architecture and tokenizer); returns the provenance."""
     from safetensors.torch import load_file
 
-    info = read_provenance(weights)
-    if tokenizer_sha256 is not None and info.get("tokenizer_sha256") != tokenizer_sha256:
-        raise ConfigError(f"server.init_from {weights} was pretrained with another tokenizer; pretrain again with "
-                          "`pflm pretrain --data` on this run's data directory")
+    info = check_public_weights(weights, tokenizer_sha256)
     state = load_file(str(weights))
     own = model.state_dict()
     # LoRA adapters are new parameters of the fine-tuning run: they keep their own initialisation
