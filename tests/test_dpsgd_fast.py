@@ -146,7 +146,8 @@ def test_noised_step_equals_opacus_ghost_with_the_same_key(synthetic_data, tmp_p
     noise = dpsgd_random(key).normal_f32(0, deltas[0].numel(), sigma * clip, NOISE_PURPOSE)
     torch.testing.assert_close(deltas[0], -lr * (clipped + noise) / 7.0, rtol=1e-5, atol=1e-6)
     other = dpsgd_random(new_key()).normal_f32(0, deltas[0].numel(), sigma * clip, NOISE_PURPOSE)
-    assert float((deltas[0] + lr * (clipped + other) / 7.0).abs().max()) > 10 * lr * sigma * clip / 7.0 / 10
+    # another key's noise is off by at least one noise std somewhere
+    assert float((deltas[0] + lr * (clipped + other) / 7.0).abs().max()) > lr * sigma * clip / 7.0
 
 
 def test_whole_device_run_matches_opacus_ghost(synthetic_data, tmp_path):
