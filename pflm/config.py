@@ -221,6 +221,9 @@ class ServerConfig:
     zero_output_weight: bool = False  # start the output weights at 0: rows no device trains keep exactly the prior
     init_from: str = ""  # start from public pretrained weights (`pflm pretrain` OUT/model.safetensors; pflm/model/pretrained.py)
     lora_merge_every: int = 0  # with LoRA: fold adapters into the base weights every N rounds (0 = never)
+    # Release the exponential moving average of the server iterates (decay per round; 0 = the last iterate).
+    # Post-processing of the DP releases: same ε; devices still train from the raw iterate (pflm/server/ema.py).
+    ema_decay: float = 0.0
     eval_every: int = 5  # validation perplexity every N rounds (and at the end)
     checkpoint_every: int = 5
 
@@ -236,6 +239,10 @@ class ServerConfig:
         _check(self.eval_every >= 1, "server.eval_every must be >= 1")
         _check(self.lora_merge_every >= 0, "server.lora_merge_every must be >= 0 (0 = never)")
         _check(self.checkpoint_every >= 1, "server.checkpoint_every must be >= 1")
+        _check(0 <= self.ema_decay < 1, "server.ema_decay must be in [0, 1) (0 = release the last iterate; "
+               "0.99 averages over ~100 rounds)")
+        _check(self.ema_decay == 0 or self.lora_merge_every == 0,
+               "server.ema_decay cannot average across LoRA folds (server.lora_merge_every); set one of them to 0")
         _check(0 < self.availability <= 1, "server.availability must be a probability in (0, 1]")
         _check(self.min_separation >= 1, "server.min_separation must be >= 1 (1 = no separation limit)")
         _check(self.max_participations >= 0, "server.max_participations must be >= 0 (0 = no limit beyond min_separation)")

@@ -22,7 +22,10 @@ def write_run_metadata(run_dir: Path, cfg: RecipeConfig, tokenizer_path: str, ma
     tmp.replace(run_dir / TOKENIZER_FILE)
 
 
-def export_model(run_dir: Path, model: torch.nn.Module) -> None:
-    tmp = run_dir / f".{MODEL_FILE}.tmp"
+LAST_ITERATE_FILE = "model-last-iterate.safetensors"  # beside MODEL_FILE when that is the iterate average
+
+
+def export_model(run_dir: Path, model: torch.nn.Module, name: str = MODEL_FILE) -> None:
+    tmp = run_dir / f".{name}.tmp"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(run_dir / MODEL_FILE)
+    tmp.replace(run_dir / name)

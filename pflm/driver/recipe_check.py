@@ -39,6 +39,9 @@ def recipe_changes(run_dir: Path, cfg: RecipeConfig, recipe_file: str) -> dict[s
     if not path.exists():
         return {}
     old, new = _flat(json.loads(path.read_text())), _flat(recipe_to_dict(cfg))
+    # A key added to pflm after the run started is unchanged if the resumed recipe keeps its default.
+    defaults = _flat(recipe_to_dict(RecipeConfig()))
+    old.update({k: defaults[k] for k in new if k not in old and k in defaults})
     diff = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = [k for k in diff if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in MAY_CHANGE)]
     if refused:

@@ -192,7 +192,10 @@ class RunDriver:
                     m["recipe_changes"] = self.recipe_changes
                 if (r + 1) % cfg.server.eval_every == 0 or r + 1 == rounds:
                     with torch_threads(self.all_threads):
-                        last_val = evaluate(self.server.model, self.val_set)
+                        last_val = evaluate(self.server.released_model(), self.val_set)
+                        if self.server.ema is not None:  # released = iterate average: the last iterate beside it
+                            m["last_iterate_val_word_perplexity"] = evaluate(
+                                self.server.model, self.val_set)["word_perplexity"]
                     m["val_perplexity"] = last_val["perplexity"]
                     m["val_word_perplexity"] = last_val["word_perplexity"]
                 shown = log.write(m)
@@ -208,12 +211,19 @@ class RunDriver:
         return self.finish(time.perf_counter() - t_start, stop_reason)
 
     def finish(self, wall: float, stop_reason: str | None) -> dict:
-        cfg, model = self.cfg, self.server.model
+        cfg, model = self.cfg, self.server.released_model()
         artifacts.export_model(self.run_dir, model)
         test_set = load_eval_set(self.fd, "test", cfg.data.test_users)
+        last_iterate = {}
         with torch_threads(self.all_threads):  # one model: all threads (device workers each had fewer)
             val = evaluate(model, self.val_set)
             test = evaluate(model, test_set)
+            if model is not self.server.model:  # released = iterate average: also publish the last iterate
+                artifacts.export_model(self.run_dir, self.server.model, artifacts.LAST_ITERATE_FILE)
+                last_iterate = {
+                    "last_iterate_val_word_perplexity": evaluate(self.server.model, self.val_set)["word_perplexity"],
+                    "last_iterate_test_word_perplexity": evaluate(self.server.model, test_set)["word_perplexity"],
+                }
         priv = self.server.privacy.summary()
         # The unigram baseline uses the same public or DP prior the server holds, never the exact train counts.
         uni = unigram_baseline(self.server.prior_counts, test_set) if self.server.prior_counts is not None else None
@@ -223,6 +233,7 @@ class RunDriver:
             "val_word_perplexity": val["word_perplexity"],
             "test_perplexity": test["perplexity"],
             "test_word_perplexity": test["word_perplexity"],
+            **last_iterate,
             "unigram_test_perplexity": uni["perplexity"] if uni else None,
             "unigram_test_word_perplexity": uni["word_perplexity"] if uni else None,
             "test_tokens": test["tokens"],

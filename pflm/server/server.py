@@ -20,6 +20,7 @@ from pflm.model.prior import prior_log_probs
 from pflm.privacy.base import Postprocessor
 from pflm.round import AggregateResult, RoundContext, RoundPlan
 from pflm.privacy.mechanism import build_mechanism
+from pflm.server.ema import IterateAverage
 from pflm.server.lora_refresh import fold_and_restart
 from pflm.server.optimizer import ServerOptimizer
 from pflm.server.peu import RowSelector
@@ -74,6 +75,12 @@ class FederatedServer:
         self.ledger_key = subkey(run_key, "ledger-pre-noise-digest")
         self.postprocessors: list[Postprocessor] = self.privacy.postprocessors
         self.rounds_done = 0
+        self.ema = IterateAverage(self.model, cfg.server.ema_decay) if cfg.server.ema_decay > 0 else None
+
+    def released_model(self) -> torch.nn.Module:
+        """The model the run publishes and evaluates: the iterate average if `server.ema_decay`, else the
+        last iterate (devices always train from the last iterate)."""
+        return self.model if self.ema is None else self.ema.averaged_model(self.model)
 
     @torch.no_grad()
     def _init_bias_from_prior(self, prior: np.ndarray) -> None:
@@ -146,6 +153,8 @@ class FederatedServer:
         if every and self.cfg.model.lora.rank > 0 and (plan.round + 1) % every == 0:
             fold_and_restart(self.model, self.cfg.seed, plan.round)
             self.optimizer.reset([n for n in self.params if "lora_" in n])
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.rounds_done = plan.round + 1
         return metrics
 
@@ -165,12 +174,15 @@ class FederatedServer:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model::{k}": v for k, v in self.model.state_dict().items()}
         out.update({f"opt::{k}": v for k, v in self.optimizer.state_tensors().items()})
+        if self.ema is not None:
+            out.update({f"ema::{k}": v for k, v in self.ema.state_tensors().items()})
         return out
 
     def state_json(self) -> dict:
         return {
             "rounds_done": self.rounds_done,
             "optimizer_steps": self.optimizer.steps,
+            **({"ema_steps": self.ema.steps} if self.ema is not None else {}),
             "privacy": self.privacy.state_dict(),
         }
 
@@ -180,4 +192,9 @@ class FederatedServer:
         opt = {k[len("opt::"):]: v for k, v in tensors.items() if k.startswith("opt::")}
         self.optimizer.load_state_tensors(opt, meta["optimizer_steps"])
         self.privacy.load_state_dict(meta["privacy"])
+        ema = {k[len("ema::"):]: v for k, v in tensors.items() if k.startswith("ema::")}
+        if self.ema is not None:
+            self.ema.load_state_tensors(ema, int(meta.get("ema_steps", 0)))
+        elif ema:
+            raise ValueError("the checkpoint holds an iterate average but server.ema_decay is 0")
         self.rounds_done = meta["rounds_done"]
