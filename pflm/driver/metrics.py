@@ -3,8 +3,8 @@
 Every value below in `RELEASED` is either public (the recipe's configuration, the round index, timings — we do
 not defend against timing side channels) or a post-processing of the round's noised release (noise stds
 derive from public settings; update_norm from the noised average; epsilon from the accountant; the adaptive
-clip bound from the noised count; validation perplexity from the released model, or the last iterate, on held-out users). Anything
-else a round computes — exact train loss, exact clip counts, the realised cohort size (private under Poisson
+clip bound from the noised count; validation perplexity of the released model, or of the last iterate, on
+held-out users). Anything else a round computes — exact train loss, exact clip counts, the realised cohort size (private under Poisson
 sampling), NaN drops, per-device ε, SecAgg survivor counts — is computed from training users without noise and
 goes only to `diagnostics.jsonl` when the recipe sets `diagnostics: true`, under a first line that says so. A
 run without noise (ε = ∞) is not private at all, so its metrics.jsonl keeps everything.
@@ -19,7 +19,8 @@ from typing import IO, Any
 RELEASED = frozenset({
     "round", "epsilon", "noise_std_sum", "noise_std_mean", "noise_norm_mean", "update_norm",
     "clip_bound", "next_clip_bound", "noisy_unclipped_fraction", "count_noise_std",
-    "val_perplexity", "val_word_perplexity", "last_iterate_val_word_perplexity", "seconds", "failed", "releases_of_round", "recipe_changes",
+    "val_perplexity", "val_word_perplexity", "last_iterate_val_word_perplexity", "seconds", "failed",
+    "releases_of_round", "recipe_changes",
 })
 # SecAgg's encoding step and protocol messages are functions of the realised cohort size (private under Poisson
 # sampling): the released "failed" value is this fixed text, the exact reason goes to the diagnostics.
