@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pickle
 import sys
 import time
@@ -44,7 +45,7 @@ class CachedScorer:
         todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if todo:
             self.cache.update(zip(todo, self.inner.score(todo)))
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs: last writer wins, none crashes
             tmp.write_bytes(pickle.dumps(self.cache))
             tmp.replace(self.path)
         return [self.cache[t] for t in texts]
