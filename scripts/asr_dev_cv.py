@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pflm.evaluation.lm_scorer import load_scorer  # noqa: E402
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
-from pflm.evaluation.rescore import RescoreConfig, ScoredNBest, score_nbest, select, tune  # noqa: E402
+from pflm.evaluation.rescore import RescoreConfig, ScoredNBest, evaluate, score_nbest, tune  # noqa: E402
 from scripts.asr_results import CachedScorer, _key  # noqa: E402
 
 
@@ -36,10 +36,7 @@ def subset(s: ScoredNBest, idx: np.ndarray) -> ScoredNBest:
 
 def heldout_gain(scored: ScoredNBest, tune_idx: np.ndarray, test_idx: np.ndarray, cfg: RescoreConfig) -> float:
     t = tune(subset(scored, tune_idx), cfg)
-    test = subset(scored, test_idx)
-    chosen = np.take_along_axis(test.errors, select(test, t.alpha, t.beta)[:, None], axis=1)[:, 0]
-    first = test.errors[:, 0].sum()
-    return float((first - chosen.sum()) / first)
+    return evaluate(subset(scored, test_idx), t.alpha, t.beta).relative_reduction
 
 
 def main() -> int:
