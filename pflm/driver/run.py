@@ -218,7 +218,7 @@ class RunDriver:
         with torch_threads(self.all_threads):  # one model: all threads (device workers each had fewer)
             val = evaluate(model, self.val_set)
             test = evaluate(model, test_set)
-            if model is not self.server.model:  # released = iterate average: also publish the last iterate
+            if self.server.ema is not None:  # released = iterate average: also publish the last iterate
                 artifacts.export_model(self.run_dir, self.server.model, artifacts.LAST_ITERATE_FILE)
                 last_iterate = {
                     "last_iterate_val_word_perplexity": evaluate(self.server.model, self.val_set)["word_perplexity"],
