@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pflm.evaluation.lm_scorer import load_scorer  # noqa: E402
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
 from pflm.evaluation.rescore import RescoreConfig, ScoredNBest, evaluate, score_nbest, tune  # noqa: E402
-from scripts.asr_results import CachedScorer, _key  # noqa: E402
+from scripts.asr_results import run_scorer  # noqa: E402
 
 
 def subset(s: ScoredNBest, idx: np.ndarray) -> ScoredNBest:
@@ -59,8 +59,7 @@ def main() -> int:
           f"smooth {args.smooth}; mean [2.5%, 97.5%] of the held-out relative WER reduction")
     for run in args.runs:
         inner = load_scorer(run, oov_scoring="public")
-        path = Path(args.cache) / f"{Path(run).name}-{_key(str(Path(run).resolve()), 'public')}.pkl"
-        scored = score_nbest(dev, CachedScorer(inner, path))
+        scored = score_nbest(dev, run_scorer(inner, args.cache, run))
         rng = np.random.default_rng(args.seed)  # public: which dev utterances tune, which are held out
         gains: dict[int, list[float]] = {n: [] for n in args.sizes}
         for _ in range(args.repeats):

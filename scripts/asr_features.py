@@ -11,7 +11,6 @@ dev tuning and test evaluation can run from the .npz alone. Example:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import pickle
@@ -23,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from asr_results import CachedScorer  # noqa: E402
+from asr_results import run_scorer  # noqa: E402
 
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
 from pflm.evaluation.rescore import score_nbest  # noqa: E402
@@ -82,8 +81,7 @@ def main() -> int:
     scorers = {"ps3": PocketsphinxLM()}
     for spec in args.lm:
         name, run = spec.split("=", 1)
-        key = hashlib.sha256(f"{Path(run).resolve()}|public".encode()).hexdigest()[:16]
-        scorers[name] = CachedScorer(load_scorer(run, oov_scoring="public"), Path(args.cache) / f"{Path(run).name}-{key}.pkl")
+        scorers[name] = run_scorer(load_scorer(run, oov_scoring="public"), args.cache, run)
     first = next(iter(v for k, v in scorers.items() if k != "ps3"))
     for spec in args.pkl:
         name, pkl = spec.split("=", 1)

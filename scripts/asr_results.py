@@ -33,9 +33,15 @@ from pflm.evaluation.tail_words import rare_predicate  # noqa: E402
 class CachedScorer:
     """Wraps a SentenceScorer; remembers every sentence score in a pickle so reruns score only new sentences."""
 
-    def __init__(self, inner, path: Path) -> None:
+    def __init__(self, inner, path: Path, weights: Path | None = None) -> None:
         self.inner, self.path = inner, path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, float] = pickle.loads(path.read_bytes()) if path.is_file() else {}
+        if weights is not None:  # a run directory retrained in place must not reuse its old scores
+            stamp, digest = path.with_suffix(".weights"), hashlib.sha256(weights.read_bytes()).hexdigest()
+            if stamp.is_file() and stamp.read_text().strip() != digest:
+                self.cache = {}
+            stamp.write_text(digest + "\n")
         self.vocab = getattr(inner, "vocab", None)
 
     def normalize(self, text: str) -> str:
@@ -67,6 +73,12 @@ class WithoutSpread:
 
 def _key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def run_scorer(inner, cache: str | Path, run: str | Path) -> CachedScorer:
+    """The cached scorer of a run directory's model (public OOV prior); the cache follows its weights file."""
+    path = Path(cache) / f"{Path(run).name}-{_key(str(Path(run).resolve()), 'public')}.pkl"
+    return CachedScorer(inner, path, Path(run) / "model.safetensors")
 
 
 def main() -> int:
@@ -124,8 +136,7 @@ def main() -> int:
     cached = []  # (name, privacy, CachedScorer of public-prior scores, vocab, prior)
     for run in args.runs:
         inner = load_scorer(run, oov_scoring="public")
-        path = cache / f"{Path(run).name}-{_key(str(Path(run).resolve()), 'public')}.pkl"
-        cached.append((f"LM {Path(run).name}", privacy_label(Path(run)), CachedScorer(inner, path), inner.vocab,
+        cached.append((f"LM {Path(run).name}", privacy_label(Path(run)), run_scorer(inner, cache, run), inner.vocab,
                        inner.oov_prior))
     if ngram:
         lm, normalize, prior, label, cls = ngram

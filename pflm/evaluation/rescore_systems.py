@@ -17,6 +17,8 @@ def privacy_label(run_dir: Path) -> str:
     pretrain = run_dir / "pretrain.json"  # a `pflm pretrain` output: public text only
     if not path.is_file() and pretrain.is_file() and json.loads(pretrain.read_text()).get("data") == "public":
         return "PUBLIC data only (no user data, eps=0)"
+    if (run_dir / "NOT-PRIVATE.txt").is_file():  # e.g. scripts/asr_central_bound.py's central upper bound
+        return "NON-PRIVATE (see its NOT-PRIVATE.txt)"
     if not path.is_file():
         return "privacy unknown (no summary.json)"
     s = json.loads(path.read_text())
