@@ -211,6 +211,10 @@ class ServerConfig:
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
+    # Public, round-indexed server lr: cosine decays lr → lr_final over server.rounds steps (Loshchilov & Hutter
+    # 2017). Under DP noise a constant FedAdam step keeps its size once the signal fades, so the model drifts.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = 0.0
     # fedavg only: heavy-ball server momentum (FedAvgM): m ← momentum·m + Δ̄, w ← w + lr·m (0 = plain FedAvg).
     # Linear in the noised updates, so DP-FTRL's correlated noise still cancels in the model (docs/dpftrl.md).
     momentum: float = 0.0
@@ -231,6 +235,9 @@ class ServerConfig:
         _check(self.rounds >= 1, "server.rounds must be >= 1")
         _check(self.cohort_size >= 1, "server.cohort_size must be >= 1")
         _check(self.lr > 0, "server.lr must be > 0")
+        _check(0 <= self.lr_final <= self.lr, "server.lr_final must be in [0, server.lr]")
+        _check(self.lr_final == 0 or self.lr_schedule == "cosine",
+               "server.lr_final applies to server.lr_schedule=cosine; set server.lr_schedule=cosine or remove it")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "server.beta1/beta2 must be in [0, 1)")
         _check(0 <= self.momentum < 1, "server.momentum must be in [0, 1) (0 = plain FedAvg)")
         _check(self.momentum == 0 or self.optimizer == "fedavg",
@@ -316,6 +323,9 @@ class RecipeConfig:
             _check(self.peu.mode != "sampled",
                    "privacy.mechanism=dpftrl needs the same released rows every round (correlated noise cancels per "
                    "coordinate across rounds): use peu.mode=all or peu.mode=topk")
+            _check(self.server.lr_schedule == "constant",
+                   "privacy.mechanism=dpftrl's strategy is optimised for a constant server lr (docs/dpftrl.md): "
+                   "set server.lr_schedule=constant")
         if self.private:
             _check(
                 self.server.sampling == "poisson" or self.privacy.mechanism != "gaussian",

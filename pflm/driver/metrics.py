@@ -1,6 +1,6 @@
 """What a round may publish: metrics.jsonl holds only DP-released or public values; the rest is opt-in diagnostics.
 
-Every value below in `RELEASED` is either public (the recipe's configuration, the round index, timings — we do
+Every value below in `RELEASED` is either public (the recipe's configuration, the round index, the server lr schedule, timings — we do
 not defend against timing side channels) or a post-processing of the round's noised release (noise stds
 derive from public settings; update_norm from the noised average; epsilon from the accountant; the adaptive
 clip bound from the noised count; validation perplexity of the released model, or of the last iterate, on
@@ -20,7 +20,7 @@ RELEASED = frozenset({
     "round", "epsilon", "noise_std_sum", "noise_std_mean", "noise_norm_mean", "update_norm",
     "clip_bound", "next_clip_bound", "noisy_unclipped_fraction", "count_noise_std",
     "val_perplexity", "val_word_perplexity", "last_iterate_val_word_perplexity", "seconds", "failed",
-    "releases_of_round", "recipe_changes",
+    "releases_of_round", "recipe_changes", "server_lr",
 })
 # SecAgg's encoding step and protocol messages are functions of the realised cohort size (private under Poisson
 # sampling): the released "failed" value is this fixed text, the exact reason goes to the diagnostics.

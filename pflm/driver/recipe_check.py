@@ -2,8 +2,8 @@
 
 Changing the model, data, privacy settings, server optimizer or seed mid-run would continue the old model under
 new settings, and the ε accounted so far (σ, q, clip bound) would no longer describe what the recipe says. Only
-keys that do not change the experiment's releases may change on resume (rounds, cadence, threads, evaluation
-sizes, the backend); those changes are reported so the run records them.
+keys that do not change the experiment's releases may change on resume (rounds, unless the server lr decays over
+them; cadence, threads, evaluation sizes, the backend); those changes are reported so the run records them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def recipe_changes(run_dir: Path, cfg: RecipeConfig, recipe_file: str) -> dict[s
     old.update({k: defaults[k] for k in new if k not in old and k in defaults})
     diff = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = [k for k in diff if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in MAY_CHANGE)]
+    if "server.rounds" in diff and new.get("server.lr_schedule", "constant") != "constant":
+        refused.append("server.rounds")  # the lr decays over the planned rounds: a new length would jump it
     if refused:
         shown = ", ".join(f"{k}: {diff[k][0]!r} → {diff[k][1]!r}" for k in refused[:6])
         more = f" (+{len(refused) - 6} more)" if len(refused) > 6 else ""

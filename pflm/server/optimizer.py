@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pflm.config import ServerConfig
@@ -23,19 +25,28 @@ class ServerOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
 
+    def lr_at(self, step: int) -> float:
+        """The server lr of the step-th update (1-based): public, a function of the step count alone."""
+        c = self.cfg
+        if c.lr_schedule == "constant":
+            return c.lr
+        frac = min(max(step - 1, 0) / max(c.rounds - 1, 1), 1.0)
+        return c.lr_final + (c.lr - c.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], updates: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         self.steps += 1
+        lr = self.lr_at(self.steps)
         for name, (delta, rows) in updates.items():
             p = params[name]
             if self.cfg.optimizer == "fedavg" and self.cfg.momentum > 0:
-                self._momentum_step(name, p, delta, rows)
+                self._momentum_step(name, p, delta, rows, lr)
                 continue
             if self.cfg.optimizer == "fedavg":
                 if rows is None:
-                    p.add_(delta.view_as(p), alpha=self.cfg.lr)
+                    p.add_(delta.view_as(p), alpha=lr)
                 else:
-                    p.index_add_(0, rows, delta.to(p.dtype), alpha=self.cfg.lr)
+                    p.index_add_(0, rows, delta.to(p.dtype), alpha=lr)
                 continue
             st = self.state.get(name)
             if st is None:
@@ -46,15 +57,16 @@ class ServerOptimizer:
                 d = delta.view_as(p)
                 m.mul_(b1).add_(d, alpha=1 - b1)
                 v.mul_(b2).addcmul_(d, d, value=1 - b2)
-                p.add_(m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
+                p.add_(m / (v.sqrt() + self.cfg.adam_eps), alpha=lr)
             else:
                 m = st["m"][rows].mul_(b1).add_(delta, alpha=1 - b1)
                 v = st["v"][rows].mul_(b2).addcmul_(delta, delta, value=1 - b2)
                 st["m"][rows] = m
                 st["v"][rows] = v
-                p.index_add_(0, rows, m / (v.sqrt() + self.cfg.adam_eps), alpha=self.cfg.lr)
+                p.index_add_(0, rows, m / (v.sqrt() + self.cfg.adam_eps), alpha=lr)
 
-    def _momentum_step(self, name: str, p: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None) -> None:
+    def _momentum_step(self, name: str, p: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor | None,
+                       lr: float) -> None:
         st = self.state.get(name)
         if st is None:
             st = self.state[name] = {"buf": torch.zeros_like(p)}
@@ -64,7 +76,7 @@ class ServerOptimizer:
             buf.add_(delta.view_as(p))
         else:
             buf.index_add_(0, rows, delta.to(p.dtype))
-        p.add_(buf, alpha=self.cfg.lr)
+        p.add_(buf, alpha=lr)
 
     def reset(self, names: list[str]) -> None:
         """Forget the moments of these parameters (e.g. LoRA adapters that were just restarted)."""

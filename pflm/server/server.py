@@ -145,6 +145,8 @@ class FederatedServer:
         avg = agg.total / denom
         metrics["update_norm"] = float(avg.norm())
         self._apply(avg, plan.rows)
+        if self.cfg.server.lr_schedule != "constant":
+            metrics["server_lr"] = self.optimizer.lr_at(self.optimizer.steps)  # public schedule
         if getattr(self.privacy, "distributed", None) is not None:  # distributed DP charges the survivors' noise
             metrics.update(self.privacy.account_round(releases, agg.num_contributors, len(plan.cohort)))
         else:
