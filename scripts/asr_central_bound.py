@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pflm.commands.pretrain import _batches, _loss  # noqa: E402
+from pflm.commands.pretrain import central_loss, shuffled_batches  # noqa: E402
 from pflm.config import load_recipe  # noqa: E402
 from pflm.data.store import FederatedData, public_manifest  # noqa: E402
 from pflm.driver.artifacts import export_model, write_run_metadata  # noqa: E402
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        for seqs, lengths in _batches(train, args.batch_size, rng, args.max_tokens):
+        for seqs, lengths in shuffled_batches(train, args.batch_size, rng, args.max_tokens):
             opt.zero_grad(set_to_none=True)
-            _loss(model, seqs, lengths).backward()
+            central_loss(model, seqs, lengths).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         ppl = evaluate(model, val)["word_perplexity"]

@@ -37,7 +37,8 @@ def public_corpus(name: str) -> tuple[list[str], str, str]:
     return texts, "+".join(m.NAME for m in parts), "; ".join(m.LICENSE for m in parts)
 
 
-def _batches(ids: list[list[int]], batch: int, rng: np.random.Generator, max_tokens: int):
+def shuffled_batches(ids: list[list[int]], batch: int, rng: np.random.Generator, max_tokens: int):
+    """One epoch of central training: sentences shuffled by `rng`, packed as the devices pack them."""
     from pflm.device.batching import pack_sentences
 
     order = rng.permutation(len(ids))
@@ -45,7 +46,8 @@ def _batches(ids: list[list[int]], batch: int, rng: np.random.Generator, max_tok
         yield pack_sentences([ids[j] for j in order[i : i + batch]], max_tokens)
 
 
-def _loss(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def central_loss(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over sentences of the full-softmax next-token loss (also used by scripts/asr_central_bound.py)."""
     from pflm.model.losses import full_softmax_loss
 
     width = int(lengths.max())
@@ -97,9 +99,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        for seqs, lengths in _batches(train, args.batch_size, rng, cfg.data.max_tokens):
+        for seqs, lengths in shuffled_batches(train, args.batch_size, rng, cfg.data.max_tokens):
             opt.zero_grad(set_to_none=True)
-            loss = _loss(model, seqs, lengths)
+            loss = central_loss(model, seqs, lengths)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
