@@ -211,8 +211,8 @@ class ServerConfig:
     weighting: Literal["uniform", "tokens"] = "uniform"
     optimizer: Literal["fedavg", "fedadam"] = "fedavg"
     lr: float = 1.0
-    # Public, round-indexed server lr: cosine decays lr → lr_final over server.rounds steps (Loshchilov & Hutter
-    # 2017). Under DP noise a constant FedAdam step keeps its size once the signal fades, so the model drifts.
+    # Public, step-indexed server lr: cosine decays lr → lr_final over server.rounds steps (Loshchilov & Hutter
+    # 2017); it costs no ε (a function of the step count alone).
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_final: float = 0.0
     # fedavg only: heavy-ball server momentum (FedAvgM): m ← momentum·m + Δ̄, w ← w + lr·m (0 = plain FedAvg).
