@@ -30,7 +30,7 @@ from pflm.data.store import FederatedData, public_manifest  # noqa: E402
 from pflm.driver.artifacts import export_model, write_run_metadata  # noqa: E402
 from pflm.evaluation.perplexity import evaluate, load_eval_set  # noqa: E402
 from pflm.model.factory import build_model  # noqa: E402
-from pflm.model.prior import prior_log_probs  # noqa: E402
+from pflm.model.prior import init_output_bias  # noqa: E402
 
 NOTICE = ("NOT PRIVATE: trained centrally on every training user's text without clipping or noise (issue 20 upper "
           "bound, scripts/asr_central_bound.py). Do not publish these weights or anything computed from them.\n")
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     train = [s for _, sents in fd.iter_users("train") for s in sents if len(s) >= 2]
     val = load_eval_set(fd, "val", cfg.data.val_users)
     model = build_model(cfg.model, fd.vocab_size)
-    with torch.no_grad():
-        model.output_bias().copy_(torch.as_tensor(prior_log_probs(fd.prior_counts()), dtype=torch.float32))
+    init_output_bias(model, fd.prior_counts())
     copied = load_init(model, args.init) if args.init else 0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{len(train)} train sentences, {n_params / 1e6:.2f}M parameters, {copied} tensors from {args.init or '-'}",

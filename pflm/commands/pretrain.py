@@ -67,7 +67,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from pflm.evaluation.perplexity import build_eval_set, evaluate
     from pflm.io_utils import atomic_directory
     from pflm.model.pretrained import PROVENANCE_FILE, WEIGHTS_FILE, file_sha256
-    from pflm.model.prior import prior_log_probs
+    from pflm.model.prior import init_output_bias
 
     if args.epochs < 1 or args.lr <= 0 or args.batch_size < 1 or args.max_sentences < 0:
         raise ConfigError("--epochs and --batch-size must be >= 1, --lr > 0 and --max-sentences >= 0")
@@ -89,8 +89,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     held_es = build_eval_set(held, [texts[i] for i in range(len(ids)) if i % HELDOUT_EVERY == 0 and ids[i]], 120)
     model = build_model(cfg.model, fd.vocab_size)
     if fd.privacy_info["prior"] != "private":
-        with torch.no_grad():
-            model.output_bias().copy_(torch.as_tensor(prior_log_probs(fd.prior_counts()), dtype=torch.float32))
+        init_output_bias(model, fd.prior_counts())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     history = [{"epoch": 0, "heldout_public_perplexity": evaluate(model, held_es)["perplexity"]}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pflm.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -18,3 +19,9 @@ def prior_log_probs(prior: np.ndarray) -> np.ndarray:
     logp = np.log((p + 1.0) / (p + 1.0).sum())
     logp[PAD_ID] = logp[BOS_ID] = NEVER
     return logp
+
+
+@torch.no_grad()
+def init_output_bias(model: torch.nn.Module, prior: np.ndarray) -> None:
+    """Set the model's output bias to the log unigram prior (`prior_log_probs`), e.g. before training starts."""
+    model.output_bias().copy_(torch.as_tensor(prior_log_probs(prior), dtype=torch.float32))  # type: ignore[operator]

@@ -16,7 +16,7 @@ from pflm.config import RecipeConfig
 from pflm.device.layout import Layout, trainable_names
 from pflm.device.spec import DeviceSpec
 from pflm.model.factory import build_model
-from pflm.model.prior import prior_log_probs
+from pflm.model.prior import init_output_bias
 from pflm.privacy.base import Postprocessor
 from pflm.round import AggregateResult, RoundContext, RoundPlan
 from pflm.privacy.mechanism import build_mechanism
@@ -87,7 +87,7 @@ class FederatedServer:
         """Output bias = log unigram prior, so rows no device ever trains (PEU) keep a sensible probability under
         the full softmax instead of a uniform share. The prior is public or DP (the simulator refuses others)."""
         if prior.shape == (self.vocab_size,):
-            self.model.output_bias().copy_(torch.as_tensor(prior_log_probs(prior), dtype=torch.float32))
+            init_output_bias(self.model, prior)
 
     # ---- round planning -------------------------------------------------------------------------------------
     def pending_releases(self, round_idx: int) -> int:
