@@ -97,3 +97,40 @@ def test_missing_starting_weights_are_refused_before_anything_is_written(synthet
     with pytest.raises(ConfigError, match="not found"):
         Simulator(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def _scripted_evaluate(monkeypatch, perplexities):
+    """Replace the held-out evaluation by a script; remember the weights each call saw."""
+    import pflm.evaluation.perplexity as perplexity
+
+    seen = []
+
+    def fake(model, _eval_set, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"perplexity": perplexities[len(seen) - 1]}
+
+    monkeypatch.setattr(perplexity, "evaluate", fake)
+    return seen
+
+
+def test_pretrain_keeps_the_epoch_with_the_lowest_public_heldout_perplexity(synthetic_data, tmp_path, monkeypatch):
+    seen = _scripted_evaluate(monkeypatch, [500.0, 90.0, 70.0, 120.0])  # epoch 2 best, epoch 3 overfits
+    out = tmp_path / "pre"
+    rc = main(["pretrain", "recipes/tiny_synthetic.yaml", *SMALL, "--data", synthetic_data, "--out", str(out),
+               "--epochs", "3", "--threads", "1", "--max-sentences", "300"])
+    assert rc == 0 and len(seen) == 4
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["kept_epoch"] == 2
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in seen[2].items())
+    assert not all(torch.equal(saved[k], v) for k, v in seen[3].items())  # the last epoch moved the weights
+
+
+def test_pretraining_that_diverges_writes_nothing(synthetic_data, tmp_path, monkeypatch, capsys):
+    _scripted_evaluate(monkeypatch, [500.0, float("nan")])
+    out = tmp_path / "pre"
+    rc = main(["pretrain", "recipes/tiny_synthetic.yaml", *SMALL, "--data", synthetic_data, "--out", str(out),
+               "--epochs", "1", "--threads", "1", "--max-sentences", "300"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "diverged" in err and "lower --lr" in err
+    assert not out.exists()

@@ -11,6 +11,7 @@ The weights are public: they depend on public text and the seed only, and no use
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -95,6 +96,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     history = [{"epoch": 0, "heldout_public_perplexity": evaluate(model, held_es)["perplexity"]}]
     print(f"public corpus: {len(train)} train / {len(held)} held-out sentences; epoch 0 held-out ppl "
           f"{history[-1]['heldout_public_perplexity']:.1f}")
+    best = (0, history[0]["heldout_public_perplexity"], copy.deepcopy(model.state_dict()))
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -107,6 +109,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
         ppl = evaluate(model, held_es)["perplexity"]
         history.append({"epoch": epoch, "heldout_public_perplexity": ppl})
         print(f"epoch {epoch}: held-out public perplexity {ppl:.1f} ({time.time() - t0:.0f} s)")
+        if ppl < best[1]:  # the held-out sentences are public, so choosing the epoch by them costs no privacy
+            best = (epoch, ppl, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    if not all(math.isfinite(h["heldout_public_perplexity"]) for h in history):
+        raise DataError("pretraining diverged (non-finite held-out perplexity); lower --lr")  # nothing written
     info = {
         "data": "public",
         "corpus": corpus_name,
@@ -120,6 +127,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "history": history,
+        "kept_epoch": best[0],  # the epoch with the lowest held-out public perplexity (0 = the initial model)
         "note": "central, non-private training on public text only; no user data was read",
         "seconds": time.time() - t0,
     }
@@ -129,9 +137,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         # recipe, tokenizer and release-safe manifest too, so `pflm rescore --compare OUT` can score the public LM
         write_run_metadata(tmp, cfg, fd.tokenizer.path, public_manifest(fd.manifest))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    print(f"kept epoch {best[0]} (held-out public perplexity {best[1]:.1f})")
     print(f"wrote {out / WEIGHTS_FILE}; start federated fine-tuning with server.init_from={out / WEIGHTS_FILE}")
-    if not math.isfinite(history[-1]["heldout_public_perplexity"]):
-        raise DataError("pretraining diverged (non-finite perplexity); lower --lr")
     return 0
 
 
