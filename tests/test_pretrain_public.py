@@ -134,3 +134,20 @@ def test_pretraining_that_diverges_writes_nothing(synthetic_data, tmp_path, monk
     err = capsys.readouterr().err
     assert rc != 0 and "diverged" in err and "lower --lr" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expected", [(["threads=1"], 1), (["threads=1", "--threads", "3"], 3)])
+def test_pretrain_threads_follow_the_recipe_unless_given(synthetic_data, tmp_path, monkeypatch, args, expected):
+    """`threads=1` in the overrides used to be ignored (pretrain always ran 2 threads beside other jobs)."""
+    _scripted_evaluate(monkeypatch, [500.0, 90.0])
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    rc = main(["pretrain", "recipes/tiny_synthetic.yaml", *SMALL, *args, "--data", synthetic_data,
+               "--out", str(tmp_path / "pre"), "--epochs", "1", "--max-sentences", "300"])
+    assert rc == 0 and calls[:1] == [expected]
+
+
+def test_pretrain_refuses_zero_threads(synthetic_data, tmp_path, capsys):
+    rc = main(["pretrain", "recipes/tiny_synthetic.yaml", *SMALL, "--data", synthetic_data,
+               "--out", str(tmp_path / "pre"), "--threads", "0"])
+    assert rc != 0 and "--threads 0 must be >= 1" in capsys.readouterr().err and not (tmp_path / "pre").exists()

@@ -69,9 +69,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from pflm.io_utils import atomic_directory
     from pflm.model.pretrained import PROVENANCE_FILE, WEIGHTS_FILE, file_sha256
     from pflm.model.prior import init_output_bias
+    from pflm.runtime import resolve_workers
 
     if args.epochs < 1 or args.lr <= 0 or args.batch_size < 1 or args.max_sentences < 0:
         raise ConfigError("--epochs and --batch-size must be >= 1, --lr > 0 and --max-sentences >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads} must be >= 1 (or leave it out to use the recipe's `threads`)")
     cfg = load_recipe(args.recipe, list(args.overrides) + [f"data.dir={args.data}"])
     fd = FederatedData.open(cfg.data.dir)
     if fd.privacy_info["vocabulary"] == "private":
@@ -79,7 +82,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                         "vocabulary (`pflm prepare --tokenizer-input wordfreq`)")
     raw, corpus_name, corpus_license = public_corpus(args.corpus)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads or resolve_workers(cfg.threads))  # --threads, else the recipe's `threads`
     # distinct sentences only: the corpus repeats many questions, which would leak into the held-out split
     texts = list(dict.fromkeys(t for t in (fd.normalizer(s) for s in raw) if t))
     if args.max_sentences:
@@ -153,7 +156,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the recipe's `threads`, 0 there = every CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sentences", type=int, default=0, help="use only the first N public sentences (0 = all)")
     p.set_defaults(func=run_pretrain)
