@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pflm.commands.pretrain import central_loss, shuffled_batches  # noqa: E402
+from pflm.commands.pretrain import central_epoch  # noqa: E402
 from pflm.config import load_recipe  # noqa: E402
 from pflm.data.store import FederatedData, public_manifest  # noqa: E402
 from pflm.driver.artifacts import export_model, write_run_metadata  # noqa: E402
@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     export_model(out, model)
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        for seqs, lengths in shuffled_batches(train, args.batch_size, rng, args.max_tokens):
-            opt.zero_grad(set_to_none=True)
-            central_loss(model, seqs, lengths).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        central_epoch(model, opt, train, args.batch_size, rng, args.max_tokens)
         ppl = evaluate(model, val)["word_perplexity"]
         history.append({"epoch": epoch, "val_word_perplexity": ppl, "seconds": time.time() - t0})
         print(f"epoch {epoch}: val word ppl {ppl:.1f} ({time.time() - t0:.0f} s)", flush=True)

@@ -48,7 +48,7 @@ def shuffled_batches(ids: list[list[int]], batch: int, rng: np.random.Generator,
 
 
 def central_loss(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over sentences of the full-softmax next-token loss (also used by scripts/asr_central_bound.py)."""
+    """Mean over sentences of the full-softmax next-token loss."""
     from pflm.model.losses import full_softmax_loss
 
     width = int(lengths.max())
@@ -56,6 +56,17 @@ def central_loss(model: torch.nn.Module, seqs: torch.Tensor, lengths: torch.Tens
     mask = torch.arange(width - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
     feats = model.features(seqs[:, :-1])
     return full_softmax_loss(feats, model.output_weight(), model.output_bias(), seqs[:, 1:], mask).mean()
+
+
+def central_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: list[list[int]], batch: int,
+                  rng: np.random.Generator, max_tokens: int) -> None:
+    """One epoch of central training (`pflm pretrain`, scripts/asr_central_bound.py): gradient norm clipped at 1."""
+    model.train()
+    for seqs, lengths in shuffled_batches(ids, batch, rng, max_tokens):
+        opt.zero_grad(set_to_none=True)
+        central_loss(model, seqs, lengths).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -102,13 +113,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     best = (0, history[0]["heldout_public_perplexity"], copy.deepcopy(model.state_dict()))
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        for seqs, lengths in shuffled_batches(train, args.batch_size, rng, cfg.data.max_tokens):
-            opt.zero_grad(set_to_none=True)
-            loss = central_loss(model, seqs, lengths)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        central_epoch(model, opt, train, args.batch_size, rng, cfg.data.max_tokens)
         ppl = evaluate(model, held_es)["perplexity"]
         history.append({"epoch": epoch, "heldout_public_perplexity": ppl})
         print(f"epoch {epoch}: held-out public perplexity {ppl:.1f} ({time.time() - t0:.0f} s)")
