@@ -162,6 +162,9 @@ class PrivacyConfig:
     # How the noise is added. "gaussian": central Gaussian on the sum by the server (after secure aggregation).
     # Other mechanisms extend this Literal (one value per mechanism; see docs/privacy.md).
     mechanism: Literal["gaussian", "dpftrl", "distributed_skellam", "distributed_dgauss"] = "gaussian"
+    # K > 1: this run is one of K runs on the same users released together (an ensemble, `pflm rescore
+    # --ensemble`): σ is calibrated so that K such runs compose to target_epsilon; the summary prints both.
+    ensemble_members: int = 1
     dpftrl: DPFTRLConfig = field(default_factory=DPFTRLConfig)  # used when mechanism is dpftrl
     distributed: DistributedDPConfig = field(default_factory=DistributedDPConfig)  # distributed_* mechanisms only
 
@@ -188,6 +191,10 @@ class PrivacyConfig:
             "set privacy.noise_multiplier or privacy.target_epsilon",
         )
         _check(self.population >= 0, "privacy.population must be >= 0 (0 = number of training users)")
+        _check(self.ensemble_members >= 1, "privacy.ensemble_members must be >= 1 (runs released together)")
+        _check(self.ensemble_members == 1 or (self.mechanism == "gaussian" and not self.adaptive_clipping.enabled),
+               "privacy.ensemble_members > 1 needs privacy.mechanism=gaussian without adaptive clipping; "
+               "set privacy.ensemble_members=1")
         _check(self.noise_cohort >= 0, "privacy.noise_cohort must be >= 0 (0 = cohort size)")
 
 

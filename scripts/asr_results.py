@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pflm.evaluation.compare import LMSource, compare  # noqa: E402
+from pflm.evaluation.ensemble import EnsembleScorer, ensemble_privacy_label  # noqa: E402
 from pflm.evaluation.compare_report import format_lines, to_json, write_plot  # noqa: E402
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
 from pflm.evaluation.rescore import RescoreConfig  # noqa: E402
@@ -83,7 +84,8 @@ def run_scorer(inner, cache: str | Path, run: str | Path) -> CachedScorer:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True, help="pflm train run directories (first = main LM)")
+    ap.add_argument("--runs", nargs="+", required=True,
+                    help="pflm train run directories (first = main LM); RUN_A+RUN_B scores the runs as one ensemble")
     ap.add_argument("--data", help="prepare store for the NON-PRIVATE Kneser-Ney baseline (train split)")
     ap.add_argument("--order", type=int, default=3)
     ap.add_argument("--dev", required=True)
@@ -109,7 +111,7 @@ def main() -> int:
         from pflm.evaluation.ngram_baseline import PRIVACY_LABEL, NgramScorer, train_ngram_baseline
         from pflm.evaluation.oov_prior import PublicOOVPrior
 
-        first = load_scorer(args.runs[0])
+        first = load_scorer(args.runs[0].split("+")[0])
         t0 = time.time()
         lm_cache = cache / f"kn{args.order}-model-{_key(str(Path(args.data).resolve()), str(len(first.vocab)))}.pkl"
         if lm_cache.is_file():
@@ -135,6 +137,15 @@ def main() -> int:
         ngram = (lm, normalize, PublicOOVPrior(lm.vocab), PRIVACY_LABEL, NgramScorer)
     cached = []  # (name, privacy, CachedScorer of public-prior scores, vocab, prior)
     for run in args.runs:
+        if "+" in run:  # RUN_A+RUN_B: the runs scored as one LM, privacy composed (pflm rescore --ensemble)
+            if "unk" in args.oov:
+                raise SystemExit(f"--runs {run}: an ensemble is scored with --oov public only")
+            members = run.split("+")
+            ens = EnsembleScorer([run_scorer(load_scorer(m, oov_scoring="public"), cache, m) for m in members],
+                                 names=[Path(m).name for m in members])
+            cached.append(("LM " + "+".join(Path(m).name for m in members), ensemble_privacy_label(members), ens,
+                           ens.vocab, None))
+            continue
         inner = load_scorer(run, oov_scoring="public")
         cached.append((f"LM {Path(run).name}", privacy_label(Path(run)), run_scorer(inner, cache, run), inner.vocab,
                        inner.oov_prior))

@@ -63,6 +63,8 @@ def test_epsilon_matches_opacus_accountant(synthetic_data, tmp_path):
         acc.step(noise_multiplier=0.9, sample_rate=q)
     assert summary["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
     assert summary["noise_cohort"] == 5 and summary["privacy_population"] == sim.population
+    # the public release history an ensemble composes (pflm.evaluation.ensemble) reproduces the printed ε
+    assert summary["accountant_history"] == [[0.9, q, 3]]
     assert "population of" in summary["epsilon_refers_to"]
     for key in ("val_perplexity", "test_perplexity", "test_word_perplexity", "epsilon", "delta", "rounds",
                 "cohort_size", "noise_multiplier", "clip_bound", "wall_seconds", "params"):

@@ -73,6 +73,9 @@ def privacy_lines(summary: dict) -> list[str]:
         f"privacy: {summary['epsilon_refers_to']}",
         f"vocabulary: {summary.get('vocabulary_source')}, prior: {summary.get('prior_source')}",
     ]
+    if "ensemble_epsilon" in summary:
+        out.append(f"ensemble_epsilon: {summary['ensemble_epsilon']} (this run is one of {summary['ensemble_members']} "
+                   "released together; publish them together only, e.g. `pflm rescore --ensemble`)")
     if "simulated_users_epsilon" in summary:
         se = summary["simulated_users_epsilon"]
         out.append(f"simulated_users_epsilon: {se if se is not None else 'inf'} ({summary['simulated_users_note']})")

@@ -47,6 +47,7 @@ class RescoreOptions:
 
     extra_test: dict[str, str] = field(default_factory=dict)
     compare: list[str] = field(default_factory=list)
+    ensemble: list[str] = field(default_factory=list)  # runs scored together with the checkpoint as one LM
     ngram_data: str | None = None
     ngram_order: int = 3
     interpolate: bool = False
@@ -71,13 +72,16 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
     from pflm.evaluation.compare_report import to_json, write_plot
     from pflm.evaluation.nbest import read_nbest
     from pflm.evaluation.rescore import evaluate
-    from pflm.evaluation.rescore_systems import ngram_source, run_source
+    from pflm.evaluation.rescore_systems import ensemble_source, ngram_source, run_source
     from pflm.evaluation.tail_words import rare_predicate
 
     opt = options or RescoreOptions()
     if opt.interpolate and not opt.ngram_data:
         raise ConfigError("--interpolate mixes the run's LM with the n-gram baseline; also pass --ngram-data DIR")
-    sources = [run_source(str(run_dir), _load_scorer, opt.oov_scoring)]
+    if opt.ensemble:
+        sources = [ensemble_source([str(run_dir), *opt.ensemble], _load_scorer, opt.oov_scoring)]
+    else:
+        sources = [run_source(str(run_dir), _load_scorer, opt.oov_scoring)]
     sources += [run_source(d, _load_scorer, opt.oov_scoring) for d in opt.compare]
     vocab = getattr(sources[0].scorer, "vocab", None)
     if opt.ngram_data:
@@ -95,6 +99,8 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
     test = evaluate(cmp.main_scored["test"], tuned.alpha, tuned.beta)
     summary = {
         "checkpoint": str(run_dir),
+        "ensemble": list(opt.ensemble),
+        "privacy": sources[0].privacy,
         "dev": str(dev),
         "test": str(test_path),
         "alpha": tuned.alpha,
@@ -144,6 +150,7 @@ def run_rescore(args: argparse.Namespace) -> int:
     )
     options = RescoreOptions(
         extra_test=parse_named_paths(args.extra_test, "--extra-test"), compare=list(args.compare or []),
+        ensemble=list(args.ensemble or []),
         ngram_data=args.ngram_data, ngram_order=args.ngram_order, interpolate=args.interpolate,
         oov_scoring=args.oov_scoring, rare_zipf=args.rare_zipf, bootstrap=args.bootstrap, seed=args.seed,
     )
@@ -281,6 +288,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="another test N-best set scored with the dev-tuned values (e.g. another voice); repeatable")
     p.add_argument("--compare", action="append", metavar="RUN_DIR",
                    help="another `pflm train` run to tune and test the same way (e.g. the non-private LM); repeatable")
+    p.add_argument("--ensemble", action="append", metavar="RUN_DIR",
+                   help="score this run together with --checkpoint as one LM (mean sentence log-probability); its "
+                   "privacy is every member's releases composed; repeatable")
     p.add_argument("--ngram-data", metavar="DATA_DIR",
                    help="train the NON-PRIVATE Kneser-Ney baseline on this `pflm prepare` store's train split")
     p.add_argument("--ngram-order", type=int, default=3, help="n-gram baseline order (default: 3)")

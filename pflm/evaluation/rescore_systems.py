@@ -34,6 +34,16 @@ def run_source(run_dir: str, load: Callable[..., Any], oov_scoring: str) -> LMSo
     return LMSource(name=f"LM {p.name}", privacy=privacy_label(p), scorer=load(str(p), **kwargs))
 
 
+def ensemble_source(run_dirs: list[str], load: Callable[..., Any], oov_scoring: str) -> LMSource:
+    """Several runs scored as one LM (mean sentence log-probability); privacy = all members' releases composed."""
+    from pflm.evaluation.ensemble import EnsembleScorer, ensemble_privacy_label
+
+    kwargs = {} if oov_scoring == "public" else {"oov_scoring": oov_scoring}
+    paths = [Path(d) for d in run_dirs]
+    scorer = EnsembleScorer([load(str(p), **kwargs) for p in paths], names=[p.name for p in paths])
+    return LMSource(name="LM " + "+".join(p.name for p in paths), privacy=ensemble_privacy_label(paths), scorer=scorer)
+
+
 def ngram_source(data_dir: str, order: int, vocab: frozenset[str] | None, oov_scoring: str,
                  arpa_out: Path | None = None) -> LMSource:
     """Kneser–Ney on the store's train split (NON-PRIVATE), same vocabulary and OOV scoring as the main LM."""

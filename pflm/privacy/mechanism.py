@@ -105,15 +105,22 @@ class DPMechanism:
                 f"privacy.delta={self.delta:g} does not exceed the DP vocabulary's threshold δ={self.threshold_delta:g}; "
                 "raise privacy.delta or prepare the data with a smaller --vocab-dp-threshold-delta"
             )
+        self.members = p.ensemble_members
+        if self.members > 1 and self.prior_history:
+            raise ConfigError("privacy.ensemble_members > 1 cannot share a DP vocabulary's budget between runs; "
+                              "prepare the data with a public vocabulary or set privacy.ensemble_members=1")
         budget_kw: dict[str, Any] = dict(
-            population=self.population, cohort=self.noise_cohort, rounds=cfg.server.rounds,
+            population=self.population, cohort=self.noise_cohort, rounds=cfg.server.rounds * self.members,
             delta=self.accounting_delta, accountant=p.accountant, sampling=cfg.server.sampling,
             prior_releases=tuple(self.prior_history),
         )
         if p.target_epsilon is not None:
             self.budget = PrivacyBudget(epsilon=p.target_epsilon, **budget_kw)
             self.noise_multiplier = float(self.budget.noise_multiplier)
-            self.guard: BudgetGuard | None = BudgetGuard(p.target_epsilon, self.accounting_delta)
+            # one member may spend only its share: the ε of its own planned rounds at the calibrated σ
+            share = p.target_epsilon if self.members == 1 else (1 + 1e-9) * epsilon_from_history(
+                [(self.noise_multiplier, self.q, cfg.server.rounds)], self.accounting_delta, p.accountant)
+            self.guard: BudgetGuard | None = BudgetGuard(share, self.accounting_delta)
         else:
             self.noise_multiplier = float(p.noise_multiplier or 0.0)
             self.budget = PrivacyBudget(noise_multiplier=self.noise_multiplier, **budget_kw)
@@ -243,10 +250,18 @@ class DPMechanism:
             f"Poisson-sampled cohorts of expected size {self.noise_cohort} (q={self.q:g}), {p.accountant} accountant"
         ]
         describe_guarantee(out, self, parts, "expected per round", p.reproducible)
-        if self.distributed is not None:
+        if self.distributed is None:  # public (σ, q, releases): lets ensembles compose runs (pflm.evaluation.ensemble)
+            out["accountant_history"] = [[float(s), float(q), int(n)] for s, q, n in self.accountant.history]
+        else:
             out["mechanism"] = p.mechanism
             out["central_noise_multiplier"] = self.central_noise_multiplier
             out.update(self.distributed.summary())
+        if self.members > 1:
+            out["ensemble_members"] = self.members
+            out["ensemble_epsilon"] = epsilon_from_history(self.accountant.history * self.members,
+                                                           self.accounting_delta, p.accountant)
+            out["epsilon_refers_to"] += (f"; this run alone: it is one of {self.members} runs released together, "
+                                         "whose ensemble is (ensemble_epsilon, δ)-DP")
         return out
 
     def state_dict(self) -> dict[str, Any]:
