@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from pflm.errors import DataError
-from pflm.evaluation.significance import bootstrap_wer, paired_bootstrap, permutation_test, sign_test
+from pflm.evaluation.compare import utterance_users
+from pflm.evaluation.significance import (
+    bootstrap_wer, cluster_paired_bootstrap, paired_bootstrap, permutation_test, sign_test,
+)
 from pflm.evaluation.tail_words import oov_rate, rare_predicate, tail_stats, zipf_frequency
 
 
@@ -51,6 +54,36 @@ def test_two_utterance_bootstrap_distribution():
     r = paired_bootstrap([1, 0], [0, 0], [1, 1], resamples=20000, seed=1)
     assert r.delta == -0.5 and r.low == -1.0 and r.high == 0.0
     assert r.prob_improvement == pytest.approx(0.75, abs=0.015)
+
+
+def test_user_bootstrap_sees_that_one_user_carries_the_gain():
+    # User u0 has 10 one-word utterances, all fixed by B; users u1..u9 have one utterance each, unchanged.
+    a = [1] * 10 + [0] * 9
+    b = [0] * 10 + [0] * 9
+    n = [1] * 19
+    users = ["u0"] * 10 + [f"u{i}" for i in range(1, 10)]
+    by_utt = paired_bootstrap(a, b, n, resamples=4000, seed=0)
+    by_user = cluster_paired_bootstrap(a, b, n, users, resamples=4000, seed=0)
+    assert by_utt.delta == by_user.delta == pytest.approx(-10 / 19)
+    assert by_utt.excludes_zero  # 10 of 19 utterances improve: utterance resampling never draws none of them
+    # resampling users, u0 is missing from a replicate with probability (9/10)^10 = 0.35: the CI reaches 0
+    assert by_user.high == 0.0 and not by_user.excludes_zero
+    assert by_user.prob_improvement == pytest.approx(1 - 0.9**10, abs=0.03)
+
+
+def test_user_bootstrap_with_one_utterance_per_user_is_the_utterance_bootstrap():
+    rng = np.random.default_rng(5)
+    a, b, n = rng.integers(0, 4, 50), rng.integers(0, 4, 50), rng.integers(3, 12, 50)
+    assert cluster_paired_bootstrap(a, b, n, [f"s{i}" for i in range(50)], resamples=300, seed=2) == \
+        paired_bootstrap(a, b, n, resamples=300, seed=2)
+    with pytest.raises(DataError, match="groups must label every utterance"):
+        cluster_paired_bootstrap(a, b, n, ["x"] * 49)
+
+
+def test_users_come_from_nbest_utterance_ids():
+    assert list(utterance_users(["u1-3", "u1-7", "test-u2-0"])) == ["u1", "u1", "test-u2"]
+    assert utterance_users(["sent-00001", "sent-00002"]) is None  # a sentence file: every utterance its own group
+    assert utterance_users(["a", "b"]) is None
 
 
 def test_bootstrap_matches_scipy_paired_percentile_interval():

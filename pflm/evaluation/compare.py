@@ -22,7 +22,8 @@ from pflm.evaluation.rescore import (
     RescoreConfig, ScoredNBest, SentenceScorer, TuneResult, lm_scores, score_nbest, select, tune,
 )
 from pflm.evaluation.significance import (
-    DEFAULT_RESAMPLES, BootstrapResult, TestResult, bootstrap_wer, paired_bootstrap, permutation_test, sign_test,
+    DEFAULT_RESAMPLES, BootstrapResult, TestResult, bootstrap_wer, cluster_paired_bootstrap, paired_bootstrap,
+    permutation_test, sign_test,
 )
 from pflm.evaluation.tail_words import TailStats, nbest_rare_coverage, oov_rate, tail_stats
 
@@ -53,6 +54,7 @@ class SetResult:
     sign: TestResult | None
     tail: TailStats
     test_tuned_wer: float | None = None  # best WER of the same grid tuned ON THIS TEST SET: a ceiling, not a result
+    vs_first_users: BootstrapResult | None = None  # the same CI resampling users (None: one utterance per user)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Comparison:
     main_tuned: TuneResult | None = None
     main_scored: dict[str, ScoredNBest] = field(default_factory=dict)
     rare_coverage: dict[str, tuple[int, int]] = field(default_factory=dict)  # (rare ref words, in some hypothesis)
+    users: dict[str, int] = field(default_factory=dict)  # set -> distinct users (sets with user-labelled ids only)
 
 
 class _ZeroScorer:
@@ -99,6 +102,15 @@ def lm_matrix(scored: ScoredNBest, scorer: SentenceScorer, batch_size: int = 256
     return out
 
 
+def utterance_users(utt_ids: Sequence[str]) -> np.ndarray | None:
+    """The user of each utterance from `pflm nbest --data` ids (`<user>-<sentence index>`); None when every
+    utterance is its own user (other id schemes), so a user-level bootstrap would add nothing."""
+    # `pflm nbest --sentences FILE` numbers its lines `sent-<n>`: those are sentences of no known user.
+    users = [u.rsplit("-", 1)[0] if "-" in u and u.rsplit("-", 1)[1].isdigit() and not u.startswith("sent-") else u
+             for u in utt_ids]
+    return np.asarray(users) if len(set(users)) < len(users) else None
+
+
 def _set_result(scored: ScoredNBest, idx: np.ndarray, is_rare: Callable[[str], bool], resamples: int,
                 seed: int) -> SetResult:
     errors = np.take_along_axis(scored.errors, idx[:, None], axis=1)[:, 0]
@@ -106,12 +118,15 @@ def _set_result(scored: ScoredNBest, idx: np.ndarray, is_rare: Callable[[str], b
     wer, low, high = bootstrap_wer(errors, scored.ref_words, resamples=resamples, seed=seed)
     first = scored.errors[:, 0]
     is_first = bool(np.all(idx == 0))
+    users = utterance_users(scored.utt_ids)
     return SetResult(
         errors=errors, chosen=chosen, wer=wer, wer_low=low, wer_high=high,
         vs_first=None if is_first else paired_bootstrap(first, errors, scored.ref_words, resamples, seed=seed),
         permutation=None if is_first else permutation_test(first, errors, resamples, seed=seed),
         sign=None if is_first else sign_test(first, errors),
         tail=tail_stats(scored.refs, chosen, errors, is_rare),
+        vs_first_users=None if is_first or users is None else cluster_paired_bootstrap(
+            first, errors, scored.ref_words, users, resamples, seed=seed),
     )
 
 
@@ -188,8 +203,11 @@ def compare(
             raise ConfigError(f"cannot compare {a_name!r} with {b_name!r}: systems are {list(by_name)}")
         for k, v in scored.items():
             ea, eb = by_name[a_name].sets[k].errors, by_name[b_name].sets[k].errors
+            users = utterance_users(v.utt_ids)
             pairwise.append({"test_set": k, "a": a_name, "b": b_name,
                              "bootstrap": paired_bootstrap(ea, eb, v.ref_words, resamples, seed=seed),
+                             "bootstrap_users": None if users is None else cluster_paired_bootstrap(
+                                 ea, eb, v.ref_words, users, resamples, seed=seed),
                              "permutation": permutation_test(ea, eb, resamples, seed=seed)})
     oov: dict[str, dict[str, float]] = {}
     if vocab is not None:
@@ -205,4 +223,5 @@ def compare(
         utterances={k: len(v.utt_ids) for k, v in scored.items()},
         main_scored={k: dataclasses.replace(v, lm=test_lm[sources[0].name][k]) for k, v in scored.items()},
         rare_coverage={k: nbest_rare_coverage(v.refs, v.texts, is_rare) for k, v in scored.items()},
+        users={k: len(set(u)) for k, v in scored.items() if (u := utterance_users(v.utt_ids)) is not None},
     )

@@ -30,6 +30,8 @@ def set_summary(r: SetResult, first: SetResult) -> dict[str, Any]:
         out["delta_wer_vs_first_pass"] = r.vs_first.delta
         out["delta_wer_ci95"] = [r.vs_first.low, r.vs_first.high]
         out["prob_improvement"] = r.vs_first.prob_improvement
+        if r.vs_first_users is not None:
+            out["delta_wer_ci95_users"] = [r.vs_first_users.low, r.vs_first_users.high]
         out["permutation_p"] = r.permutation.p_value if r.permutation else None
         out["sign_test_p"] = r.sign.p_value if r.sign else None
         out["better_utterances"] = r.sign.better if r.sign else None
@@ -48,11 +50,12 @@ def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]
     first = cmp.systems[0]
     return {
         "statistics": {
-            "bootstrap": f"paired bootstrap over utterances (Bisani & Ney 2004), {resamples} resamples, percentile 95% CI",
+            "bootstrap": f"paired bootstrap over utterances (Bisani & Ney 2004), {resamples} resamples, percentile 95% CI; "
+                         "*_users: the same resampling whole users (cluster bootstrap)",
             "significance": "two-sided paired sign-flip permutation test over per-utterance word errors; exact sign test",
             "rare_words": f"wordfreq Zipf frequency < {rare_zipf} (public list)",
         },
-        "test_sets": {k: {"utterances": cmp.utterances[k], "ref_words": cmp.ref_words[k],
+        "test_sets": {k: {"utterances": cmp.utterances[k], "users": cmp.users.get(k), "ref_words": cmp.ref_words[k],
                           "oracle_wer": cmp.oracle_wer[k], **cmp.oov.get(k, {}),
                           **_coverage_json(cmp, k)} for k in cmp.test_sets},
         "dev_oov": cmp.oov.get("dev", {}),
@@ -63,6 +66,8 @@ def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]
                       "delta_wer_b_minus_a": p["bootstrap"].delta,
                       "delta_wer_ci95": [p["bootstrap"].low, p["bootstrap"].high],
                       "prob_b_better": p["bootstrap"].prob_improvement,
+                      "delta_wer_ci95_users": None if p.get("bootstrap_users") is None else
+                      [p["bootstrap_users"].low, p["bootstrap_users"].high],
                       "permutation_p": p["permutation"].p_value} for p in cmp.pairwise],
     }
 
@@ -99,6 +104,10 @@ def format_lines(cmp: Comparison, rare_zipf: float) -> list[str]:
             tokens, covered = cmp.rare_coverage[k]
             lines.append(f"  rare reference words in any N-best hypothesis: {covered}/{tokens} "
                          f"({100 * covered / tokens:.1f}%): the rare-word recall no rescoring can exceed")
+        by_user = [(s.name, s.sets[k].vs_first_users) for s in cmp.systems if s.sets[k].vs_first_users is not None]
+        if by_user:
+            lines.append(f"  dWER CI resampling the {cmp.users.get(k, '?')} users instead of utterances (cluster bootstrap): "
+                         + ", ".join(f"{n} [{100 * b.low:+.2f},{100 * b.high:+.2f}]" for n, b in by_user))
         ceil = [(s.name, s.sets[k].test_tuned_wer) for s in cmp.systems if s.sets[k].test_tuned_wer is not None]
         if ceil:
             lines.append("  ceiling (weights tuned on this test set itself; a diagnostic, not a result): " + ", ".join(
@@ -110,7 +119,9 @@ def format_lines(cmp: Comparison, rare_zipf: float) -> list[str]:
         b = p["bootstrap"]
         lines.append(f"{p['b']} vs {p['a']} on '{p['test_set']}': dWER {100 * b.delta:+.2f} "
                      f"[{100 * b.low:+.2f},{100 * b.high:+.2f}] points, P(better) {b.prob_improvement:.3f}, "
-                     f"permutation p {p['permutation'].p_value:.4f}")
+                     f"permutation p {p['permutation'].p_value:.4f}"
+                     + (f"; resampling users [{100 * p['bootstrap_users'].low:+.2f},{100 * p['bootstrap_users'].high:+.2f}]"
+                        if p.get("bootstrap_users") is not None else ""))
     return lines
 
 

@@ -7,6 +7,7 @@ word count n_i and the word errors a_i (system A) and b_i (system B).
   ICASSP 2004: draw utterances with replacement (the same draw for both systems), recompute the corpus-level
   WER difference sum(b - a) / sum(n) on each replicate; the 2.5 / 97.5 percentiles give the 95% interval and the
   share of replicates where B is better gives the "probability of improvement" (POI).
+* `cluster_paired_bootstrap` — the same, resampling whole users (all utterances of a user together).
 * `bootstrap_wer` — the same resampling for one system's WER (error bars).
 * `permutation_test` — the paired (sign-flip) randomization test on the per-utterance error differences d_i = b_i - a_i
   (Fisher/Pitman; "approximate randomization" in Noreen 1989): under H0 the two labels of each utterance are
@@ -89,6 +90,25 @@ def paired_bootstrap(
         resamples=resamples,
         level=level,
     )
+
+
+def cluster_paired_bootstrap(
+    a_errors, b_errors, ref_words, groups, resamples: int = DEFAULT_RESAMPLES, level: float = 0.95, seed: int = 0
+) -> BootstrapResult:
+    """`paired_bootstrap` resampling whole groups (users) instead of utterances: the cluster bootstrap (Davison &
+    Hinkley 1997, section 3.8; Bisani & Ney 2004 resample "speakers" when utterances share one). Utterances of
+    one user are not independent; with few users the utterance bootstrap's interval is too narrow."""
+    a, b, n = _paired(a_errors, b_errors, ref_words)
+    g = np.asarray(groups)
+    if g.shape != a.shape:
+        raise DataError(f"groups must label every utterance: {g.shape} labels for {a.shape[0]} utterances")
+    _, first, inv = np.unique(g, return_index=True, return_inverse=True)
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(first.size)
+    inv = rank[inv.reshape(-1)]  # groups numbered in order of first appearance (singletons: the utterance order)
+    k = int(first.size)
+    return paired_bootstrap(np.bincount(inv, a, k), np.bincount(inv, b, k), np.bincount(inv, n, k),
+                            resamples=resamples, level=level, seed=seed)
 
 
 def bootstrap_wer(
