@@ -79,6 +79,22 @@ def test_attacker_with_both_models_is_charged_both_releases(tmp_path):
     assert ensemble_privacy_label([a, c]).startswith("NON-PRIVATE")
 
 
+def test_public_pretrained_members_add_no_release_but_never_hide_a_private_one(tmp_path):
+    a = write_run(tmp_path / "a", SIGMA_600, 300)
+    b = write_run(tmp_path / "b", SIGMA_600, 300)
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    (pub / "pretrain.json").write_text(json.dumps({"data": "public"}))
+    assert ensemble_privacy_label([a, b, pub]) == "DP eps=2.00 delta=1e-06 (2 runs composed + 1 public)"
+    assert ensemble_privacy_label([pub, pub]) == "PUBLIC data only (no user data, eps=0)"
+    # a pretrain.json that does not say "public" is not trusted as public
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "pretrain.json").write_text(json.dumps({"data": "chitchat"}))
+    with pytest.raises(ConfigError, match="has no summary.json"):
+        ensemble_privacy_label([a, fake])
+
+
 def test_history_that_understates_the_printed_epsilon_is_refused(tmp_path):
     # e.g. a resumed run whose redone rounds were charged twice: (σ, q, rounds) alone would understate ε.
     eps = epsilon_from_history([(SIGMA_300, 0.005, 350)], 1e-6)

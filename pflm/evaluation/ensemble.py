@@ -50,11 +50,15 @@ class EnsembleScorer:
 
 def run_history(run_dir: Path) -> tuple[list[tuple[float, float, int]], float, str] | None:
     """(accountant history, δ, accountant) of a DP run's releases from its summary.json; None if the run is
-    not private. Runs written before summaries carried `accountant_history` are accepted only when one
+    not private; an empty history for a `pflm pretrain` output (public text only). Runs written before summaries carried `accountant_history` are accepted only when one
     (σ, q, rounds) entry reproduces their printed ε (no adaptive clipping, no DP vocabulary, no redone rounds)."""
     path = run_dir / "summary.json"
+    pretrain = run_dir / "pretrain.json"  # a `pflm pretrain` output: public text only, no release about users
+    if not path.is_file() and pretrain.is_file() and json.loads(pretrain.read_text()).get("data") == "public":
+        return [], 0.0, ""
     if not path.is_file():
-        raise ConfigError(f"{run_dir} has no summary.json; an ensemble composes the privacy of `pflm train` runs")
+        raise ConfigError(f"{run_dir} has no summary.json; an ensemble composes the privacy of `pflm train` runs "
+                          "(and `pflm pretrain` outputs, which are public)")
     s = json.loads(path.read_text(encoding="utf-8"))
     if not s.get("noise_multiplier") or s.get("epsilon") is None:
         return None
@@ -80,18 +84,23 @@ def run_history(run_dir: Path) -> tuple[list[tuple[float, float, int]], float, s
 
 
 def ensemble_privacy_label(run_dirs: Sequence[str | Path]) -> str:
-    """'DP eps=.. delta=.. (N runs composed)' for the members' releases together, or 'NON-PRIVATE …' if any
-    member has no noise (the ensemble releases that member too)."""
+    """'DP eps=.. delta=.. (N runs composed[ + M public])' for the members' releases together (public pretrained
+    members add none), or 'NON-PRIVATE …' if any member has no noise (the ensemble releases that member too)."""
     parts = [run_history(Path(d)) for d in run_dirs]
     if any(p is None for p in parts):
         return "NON-PRIVATE (a member has no noise)"
-    deltas = {p[1] for p in parts if p is not None}
-    accountants = {p[2] for p in parts if p is not None}
+    public = sum(1 for p in parts if p is not None and not p[0])
+    parts = [p for p in parts if p is not None and p[0]]  # public members add no release
+    if not parts:
+        return "PUBLIC data only (no user data, eps=0)"
+    deltas = {p[1] for p in parts}
+    accountants = {p[2] for p in parts}
     if len(accountants) != 1:
         raise ConfigError(f"ensemble members use different accountants ({', '.join(sorted(accountants))}); "
                           "retrain them with one privacy.accountant")
     # Each member is (ε_i, δ_i)-DP; composing the RDP curves at the largest member δ gives one (ε, δ) pair.
     delta = max(deltas)
-    history = [h for p in parts if p is not None for h in p[0]]
+    history = [h for p in parts for h in p[0]]
     eps = epsilon_from_history(history, delta, accountants.pop())
-    return f"DP eps={eps:.2f} delta={delta:g} ({len(parts)} runs composed)"
+    extra = f" + {public} public" if public else ""
+    return f"DP eps={eps:.2f} delta={delta:g} ({len(parts)} runs composed{extra})"
