@@ -112,13 +112,12 @@ def utterance_users(utt_ids: Sequence[str]) -> np.ndarray | None:
 
 
 def _set_result(scored: ScoredNBest, idx: np.ndarray, is_rare: Callable[[str], bool], resamples: int,
-                seed: int) -> SetResult:
+                seed: int, users: np.ndarray | None) -> SetResult:
     errors = np.take_along_axis(scored.errors, idx[:, None], axis=1)[:, 0]
     chosen = [scored.texts[i][int(j)] for i, j in enumerate(idx)]
     wer, low, high = bootstrap_wer(errors, scored.ref_words, resamples=resamples, seed=seed)
     first = scored.errors[:, 0]
     is_first = bool(np.all(idx == 0))
-    users = utterance_users(scored.utt_ids)
     return SetResult(
         errors=errors, chosen=chosen, wer=wer, wer_low=low, wer_high=high,
         vs_first=None if is_first else paired_bootstrap(first, errors, scored.ref_words, resamples, seed=seed),
@@ -164,12 +163,14 @@ def compare(
     zero = _ZeroScorer()
     dev = score_nbest(dev_utts, zero, config.batch_size)
     scored = {name: score_nbest(u, zero, config.batch_size) for name, u in tests.items()}
+    users = {k: utterance_users(v.utt_ids) for k, v in scored.items()}  # per set, for the user-level bootstrap
     dev_lm = {s.name: lm_matrix(dev, s.scorer, config.batch_size) for s in sources}
     test_lm = {s.name: {k: lm_matrix(v, s.scorer, config.batch_size) for k, v in scored.items()} for s in sources}
 
     systems = [SystemResult(FIRST_PASS, "-", dev_wer=float(dev.errors[:, 0].sum() / dev.total_ref_words))]
     for k, v in scored.items():
-        systems[0].sets[k] = _set_result(v, np.zeros(len(v.utt_ids), dtype=np.int64), is_rare, resamples, seed)
+        systems[0].sets[k] = _set_result(v, np.zeros(len(v.utt_ids), dtype=np.int64), is_rare, resamples, seed,
+                                         users[k])
     main_tuned = None
     plans: list[tuple[str, str, float | None, dict[str, np.ndarray], TuneResult, dict[str, np.ndarray]]] = []
     for s in sources:
@@ -187,7 +188,7 @@ def compare(
         sr = SystemResult(name, privacy, t.alpha, t.beta, lam, t.dev_rescored_wer)
         for k, v in scored.items():
             idx = select(dataclasses.replace(v, lm=lms[k]), t.alpha, t.beta)
-            sr.sets[k] = _set_result(v, idx, is_rare, resamples, seed)
+            sr.sets[k] = _set_result(v, idx, is_rare, resamples, seed, users[k])
             if lam is None:  # diagnostic only: how far dev tuning is from the best weights for this very test set
                 sr.sets[k].test_tuned_wer = tune(dataclasses.replace(v, lm=lms[k]), config).dev_rescored_wer
             else:
@@ -203,11 +204,10 @@ def compare(
             raise ConfigError(f"cannot compare {a_name!r} with {b_name!r}: systems are {list(by_name)}")
         for k, v in scored.items():
             ea, eb = by_name[a_name].sets[k].errors, by_name[b_name].sets[k].errors
-            users = utterance_users(v.utt_ids)
             pairwise.append({"test_set": k, "a": a_name, "b": b_name,
                              "bootstrap": paired_bootstrap(ea, eb, v.ref_words, resamples, seed=seed),
-                             "bootstrap_users": None if users is None else cluster_paired_bootstrap(
-                                 ea, eb, v.ref_words, users, resamples, seed=seed),
+                             "bootstrap_users": None if users[k] is None else cluster_paired_bootstrap(
+                                 ea, eb, v.ref_words, users[k], resamples, seed=seed),
                              "permutation": permutation_test(ea, eb, resamples, seed=seed)})
     oov: dict[str, dict[str, float]] = {}
     if vocab is not None:
@@ -223,5 +223,5 @@ def compare(
         utterances={k: len(v.utt_ids) for k, v in scored.items()},
         main_scored={k: dataclasses.replace(v, lm=test_lm[sources[0].name][k]) for k, v in scored.items()},
         rare_coverage={k: nbest_rare_coverage(v.refs, v.texts, is_rare) for k, v in scored.items()},
-        users={k: len(set(u)) for k, v in scored.items() if (u := utterance_users(v.utt_ids)) is not None},
+        users={k: len(set(u)) for k, u in users.items() if u is not None},
     )

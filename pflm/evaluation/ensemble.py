@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from pflm.epsilon import epsilon_from_history
 from pflm.errors import ConfigError
+from pflm.model.pretrained import is_public_pretrain
 
 # Normalisation probes: members whose normalisers disagree on any of them would score different sentences.
 _PROBES = ("Hello, World!  It's 3 o'clock.", "ÉCOLE naïve — café", "don't  stop\tme now")
@@ -53,8 +54,7 @@ def run_history(run_dir: Path) -> tuple[list[tuple[float, float, int]], float, s
     not private; an empty history for a `pflm pretrain` output (public text only). Runs written before summaries carried `accountant_history` are accepted only when one
     (σ, q, rounds) entry reproduces their printed ε (no adaptive clipping, no DP vocabulary, no redone rounds)."""
     path = run_dir / "summary.json"
-    pretrain = run_dir / "pretrain.json"  # a `pflm pretrain` output: public text only, no release about users
-    if not path.is_file() and pretrain.is_file() and json.loads(pretrain.read_text()).get("data") == "public":
+    if not path.is_file() and is_public_pretrain(run_dir):  # a `pflm pretrain` output: no release about users
         return [], 0.0, ""
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no summary.json; an ensemble composes the privacy of `pflm train` runs "

@@ -13,9 +13,10 @@ from pflm.evaluation.compare import LMSource
 
 def privacy_label(run_dir: Path) -> str:
     """What the run's published summary says about its privacy: 'DP eps=.. delta=..' or 'NON-PRIVATE (no noise)'."""
+    from pflm.model.pretrained import is_public_pretrain
+
     path = run_dir / "summary.json"
-    pretrain = run_dir / "pretrain.json"  # a `pflm pretrain` output: public text only
-    if not path.is_file() and pretrain.is_file() and json.loads(pretrain.read_text()).get("data") == "public":
+    if not path.is_file() and is_public_pretrain(run_dir):  # a `pflm pretrain` output: public text only
         return "PUBLIC data only (no user data, eps=0)"
     if (run_dir / "NOT-PRIVATE.txt").is_file():  # e.g. scripts/asr_central_bound.py's central upper bound
         return "NON-PRIVATE (see its NOT-PRIVATE.txt)"

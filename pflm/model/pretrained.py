@@ -24,6 +24,12 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def is_public_pretrain(directory: str | Path) -> bool:
+    """True if `directory` holds a `pretrain.json` that says its weights were trained on public data only."""
+    prov = Path(directory) / PROVENANCE_FILE
+    return prov.is_file() and json.loads(prov.read_text()).get("data") == "public"
+
+
 def read_provenance(weights: str | Path) -> dict[str, Any]:
     """The `pretrain.json` beside `weights`; refuses weights without public provenance."""
     weights = Path(weights)
