@@ -20,11 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pflm.evaluation.ensemble import EnsembleScorer  # noqa: E402
-from pflm.evaluation.lm_scorer import load_scorer  # noqa: E402
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
 from pflm.evaluation.rescore import RescoreConfig, ScoredNBest, evaluate, score_nbest, tune  # noqa: E402
-from scripts.asr_results import run_scorer  # noqa: E402
+from scripts.asr_results import spec_scorer  # noqa: E402
 
 
 def subset(s: ScoredNBest, idx: np.ndarray) -> ScoredNBest:
@@ -59,8 +57,8 @@ def main() -> int:
     print(f"dev {args.dev}: {len(dev)} utterances; held-out {args.heldout}; {args.repeats} random splits; "
           f"smooth {args.smooth}; mean [2.5%, 97.5%] of the held-out relative WER reduction")
     for run in args.runs:  # RUN_A+RUN_B: the runs scored as one ensemble (pflm rescore --ensemble)
-        members = [run_scorer(load_scorer(m, oov_scoring="public"), args.cache, m) for m in run.split("+")]
-        scored = score_nbest(dev, members[0] if len(members) == 1 else EnsembleScorer(members, run.split("+")))
+        name, scorer = spec_scorer(run, args.cache)
+        scored = score_nbest(dev, scorer)
         rng = np.random.default_rng(args.seed)  # public: which dev utterances tune, which are held out
         gains: dict[int, list[float]] = {n: [] for n in args.sizes}
         for _ in range(args.repeats):
@@ -70,7 +68,7 @@ def main() -> int:
                 gains[n].append(heldout_gain(scored, pool[:n], test_idx, cfg))
         row = "  ".join(f"tune {n}: {100 * np.mean(g):+.2f}% [{100 * np.percentile(g, 2.5):+.2f}, "
                         f"{100 * np.percentile(g, 97.5):+.2f}]" for n, g in gains.items())
-        print(f"{'+'.join(Path(m).name for m in run.split('+')):<12} {row}", flush=True)
+        print(f"{name:<12} {row}", flush=True)
     return 0
 
 

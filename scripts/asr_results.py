@@ -82,6 +82,16 @@ def run_scorer(inner, cache: str | Path, run: str | Path) -> CachedScorer:
     return CachedScorer(inner, path, Path(run) / "model.safetensors")
 
 
+def spec_scorer(spec: str, cache: str | Path) -> tuple[str, CachedScorer | EnsembleScorer]:
+    """(name, cached public-prior scorer) of a run directory, or of `RUN_A+RUN_B` scored as one ensemble."""
+    from pflm.evaluation.lm_scorer import load_scorer
+
+    members = spec.split("+")
+    scorers = [run_scorer(load_scorer(m, oov_scoring="public"), cache, m) for m in members]
+    names = [Path(m).name for m in members]
+    return "+".join(names), scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers, names)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True,
@@ -140,11 +150,8 @@ def main() -> int:
         if "+" in run:  # RUN_A+RUN_B: the runs scored as one LM, privacy composed (pflm rescore --ensemble)
             if "unk" in args.oov:
                 raise SystemExit(f"--runs {run}: an ensemble is scored with --oov public only")
-            members = run.split("+")
-            ens = EnsembleScorer([run_scorer(load_scorer(m, oov_scoring="public"), cache, m) for m in members],
-                                 names=[Path(m).name for m in members])
-            cached.append(("LM " + "+".join(Path(m).name for m in members), ensemble_privacy_label(members), ens,
-                           ens.vocab, None))
+            name, ens = spec_scorer(run, cache)
+            cached.append((f"LM {name}", ensemble_privacy_label(run.split("+")), ens, ens.vocab, None))
             continue
         inner = load_scorer(run, oov_scoring="public")
         cached.append((f"LM {Path(run).name}", privacy_label(Path(run)), run_scorer(inner, cache, run), inner.vocab,
