@@ -104,3 +104,22 @@ def test_test_tuned_ceiling_is_never_worse_than_the_dev_tuned_result():
     first_b = cmp.systems[0].sets["b"].wer
     assert cmp.systems[1].sets["b"].wer > first_b and cmp.systems[1].sets["b"].test_tuned_wer <= first_b
     assert cmp.rare_coverage["b"][0] >= 1
+
+
+def test_headroom_shows_what_no_rescoring_can_gain_on_rare_word_utterances():
+    from pflm.evaluation.compare_report import format_lines, to_json
+
+    # set: "the cat ran" (first pass "the cab ran", the LM fixes it) and "the dog" (only hypothesis "the dig");
+    # "dog" is the rare word: its utterance has one hypothesis, so no LM can lower its WER
+    cmp = compare(DEV, {"a": TEST_LM_RIGHT + TEST_LM_WRONG[2:]}, [LMSource("good", "DP", UnigramScorer())],
+                  lambda w: w == "dog", SMALL, resamples=100)
+    assert cmp.oracle_wer["a"] == pytest.approx(1 / 5)
+    assert cmp.oracle_tail["a"].rare_utt_wer == pytest.approx(1 / 2) == cmp.systems[0].sets["a"].tail.rare_utt_wer
+    good = to_json(cmp, 3.0, 100)["systems"][1]["test"]["a"]
+    assert good["reachable_share"] == pytest.approx(1.0)  # took all the overall headroom: 2/5 -> 1/5
+    assert good["rare_utt_reachable_share"] is None  # first pass == oracle there: nothing to take
+    assert good["rare_utt_relative_reduction"] == 0.0
+    text = "\n".join(format_lines(cmp, 3.0))
+    assert "the first pass already matches 0" in text
+    assert "no rescoring can lower WER by more than 50.0% relative overall and 0.0% on rare-word utterances" in text
+    assert "good 100.0% / -%" in text

@@ -80,6 +80,7 @@ class Comparison:
     main_tuned: TuneResult | None = None
     main_scored: dict[str, ScoredNBest] = field(default_factory=dict)
     rare_coverage: dict[str, tuple[int, int]] = field(default_factory=dict)  # (rare ref words, in some hypothesis)
+    oracle_tail: dict[str, TailStats] = field(default_factory=dict)  # tail metrics of the oracle (fewest errors) choice
     users: dict[str, int] = field(default_factory=dict)  # set -> distinct users (sets with user-labelled ids only)
 
 
@@ -127,6 +128,14 @@ def _set_result(scored: ScoredNBest, idx: np.ndarray, is_rare: Callable[[str], b
         vs_first_users=None if is_first or users is None else cluster_paired_bootstrap(
             first, errors, scored.ref_words, users, resamples, seed=seed),
     )
+
+
+def _oracle_tail(scored: ScoredNBest, is_rare: Callable[[str], bool]) -> TailStats:
+    """Tail metrics of the per-utterance fewest-errors hypothesis: its rare-utterance WER is the floor of any
+    rescoring of these lists (rare-word recall of the oracle is not a ceiling: it minimises errors, not misses)."""
+    idx = np.argmin(scored.errors, axis=1)
+    errors = np.take_along_axis(scored.errors, idx[:, None], axis=1)[:, 0]
+    return tail_stats(scored.refs, [scored.texts[i][int(j)] for i, j in enumerate(idx)], errors, is_rare)
 
 
 def _tune_mixture(dev: ScoredNBest, a: np.ndarray, b: np.ndarray, lambdas: Sequence[float],
@@ -223,5 +232,6 @@ def compare(
         utterances={k: len(v.utt_ids) for k, v in scored.items()},
         main_scored={k: dataclasses.replace(v, lm=test_lm[sources[0].name][k]) for k, v in scored.items()},
         rare_coverage={k: nbest_rare_coverage(v.refs, v.texts, is_rare) for k, v in scored.items()},
+        oracle_tail={k: _oracle_tail(v, is_rare) for k, v in scored.items()},
         users={k: len(set(u)) for k, u in users.items() if u is not None},
     )

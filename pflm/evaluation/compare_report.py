@@ -16,12 +16,20 @@ def _rel(first: float, x: float) -> float:
     return (first - x) / first if first > 0 else 0.0
 
 
-def set_summary(r: SetResult, first: SetResult) -> dict[str, Any]:
+def _reached(first: float, x: float, oracle: float | None) -> float | None:
+    """Share of the errors rescoring could remove that it did remove: (first pass - x) / (first pass - oracle)."""
+    return (first - x) / (first - oracle) if oracle is not None and first > oracle else None
+
+
+def set_summary(r: SetResult, first: SetResult, oracle_wer: float | None = None,
+                oracle_rare_utt_wer: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "wer": r.wer, "wer_ci95": [r.wer_low, r.wer_high],
         "relative_reduction": _rel(first.wer, r.wer),
+        "reachable_share": _reached(first.wer, r.wer, oracle_wer),
         "rare_utterances": r.tail.rare_utterances, "rare_utt_wer": r.tail.rare_utt_wer,
         "rare_utt_relative_reduction": _rel(first.tail.rare_utt_wer, r.tail.rare_utt_wer),
+        "rare_utt_reachable_share": _reached(first.tail.rare_utt_wer, r.tail.rare_utt_wer, oracle_rare_utt_wer),
         "rare_word_tokens": r.tail.rare_tokens, "rare_word_recall": r.tail.rare_recall,
     }
     if r.test_tuned_wer is not None:
@@ -43,7 +51,14 @@ def _coverage_json(cmp: Comparison, k: str) -> dict[str, Any]:
     if k not in cmp.rare_coverage:
         return {}
     tokens, covered = cmp.rare_coverage[k]
-    return {"rare_words_in_nbest": covered, "rare_recall_ceiling": covered / tokens if tokens else 0.0}
+    out: dict[str, Any] = {"rare_words_in_nbest": covered, "rare_recall_ceiling": covered / tokens if tokens else 0.0}
+    if k in cmp.oracle_tail:
+        out["oracle_rare_utt_wer"] = cmp.oracle_tail[k].rare_utt_wer
+    return out
+
+
+def _oracle_rare(cmp: Comparison, k: str) -> float | None:
+    return cmp.oracle_tail[k].rare_utt_wer if k in cmp.oracle_tail else None
 
 
 def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]:
@@ -60,7 +75,8 @@ def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]
                           **_coverage_json(cmp, k)} for k in cmp.test_sets},
         "dev_oov": cmp.oov.get("dev", {}),
         "systems": [{"name": s.name, "privacy": s.privacy, "alpha": s.alpha, "beta": s.beta, "lambda": s.lam,
-                     "dev_wer": s.dev_wer, "test": {k: set_summary(s.sets[k], first.sets[k]) for k in cmp.test_sets}}
+                     "dev_wer": s.dev_wer, "test": {k: set_summary(s.sets[k], first.sets[k], cmp.oracle_wer[k], _oracle_rare(cmp, k))
+                              for k in cmp.test_sets}}
                     for s in cmp.systems],
         "pairwise": [{"test_set": p["test_set"], "a": p["a"], "b": p["b"],
                       "delta_wer_b_minus_a": p["bootstrap"].delta,
@@ -103,7 +119,9 @@ def format_lines(cmp: Comparison, rare_zipf: float) -> list[str]:
         if k in cmp.rare_coverage and cmp.rare_coverage[k][0]:
             tokens, covered = cmp.rare_coverage[k]
             lines.append(f"  rare reference words in any N-best hypothesis: {covered}/{tokens} "
-                         f"({100 * covered / tokens:.1f}%): the rare-word recall no rescoring can exceed")
+                         f"({100 * covered / tokens:.1f}%): the rare-word recall no rescoring can exceed; "
+                         f"the first pass already matches {f.tail.rare_hits}")
+        lines.extend(_headroom_lines(cmp, k))
         by_user = [(s.name, s.sets[k].vs_first_users) for s in cmp.systems if s.sets[k].vs_first_users is not None]
         if by_user:
             lines.append(f"  dWER CI resampling the {cmp.users.get(k, '?')} users instead of utterances (cluster bootstrap): "
@@ -122,6 +140,26 @@ def format_lines(cmp: Comparison, rare_zipf: float) -> list[str]:
                      f"permutation p {p['permutation'].p_value:.4f}"
                      + (f"; resampling users [{100 * p['bootstrap_users'].low:+.2f},{100 * p['bootstrap_users'].high:+.2f}]"
                         if p.get("bootstrap_users") is not None else ""))
+    return lines
+
+
+def _headroom_lines(cmp: Comparison, k: str) -> list[str]:
+    """What rescoring these lists could gain at best (the oracle), overall and on rare-word utterances, and how
+    much of it each system took: a small rare-word gain with little headroom is the first pass's limit."""
+    f, rare_floor = cmp.systems[0].sets[k], _oracle_rare(cmp, k)
+    if rare_floor is None or not f.tail.rare_utterances:
+        return []
+    shares = []
+    for s in cmp.systems[1:]:
+        a = _reached(f.wer, s.sets[k].wer, cmp.oracle_wer[k])
+        b = _reached(f.tail.rare_utt_wer, s.sets[k].tail.rare_utt_wer, rare_floor)
+        shares.append(f"{s.name} {'-' if a is None else f'{100 * a:.1f}'}% / {'-' if b is None else f'{100 * b:.1f}'}%")
+    lines = [f"  headroom (oracle): overall WER {_pct(cmp.oracle_wer[k])}%, rare-utt WER {_pct(rare_floor)}%; no "
+             f"rescoring can lower WER by more than {100 * _rel(f.wer, cmp.oracle_wer[k]):.1f}% relative overall and "
+             f"{100 * _rel(f.tail.rare_utt_wer, rare_floor):.1f}% on rare-word utterances"]
+    if shares:
+        lines.append("  share of that headroom taken, (first pass - system) / (first pass - oracle), overall / "
+                     "rare-word utterances: " + ", ".join(shares))
     return lines
 
 
