@@ -9,6 +9,11 @@ Part 1b (--depth-check K, dev only): re-synthesise and re-decode the first K dev
 rare word that no hypothesis has, with N-best depth 50, 200 and 1,000, and count the missing words found; and count
 how many in-lexicon rare tokens the first pass's own n-gram LM (pocketsphinx en-us.lm.bin) knows.
 
+Part 3 (every set, alpha/beta tuned on dev): could a better rare-word model close the gap? For the LM's own
+choices it prints the relative reduction overall and on rare-word utterances, and two bounds for rare-word
+utterances: each reachable rare word the choice misses fixed at one error each, and (generous) every rare-word
+utterance whose choice misses a reachable rare word switched to its oracle hypothesis.
+
 Part 2 (the --dev file only; it makes choices, so it never reads a test set): the LM's relative WER reduction on
 rare-word utterances vs overall, for the Zipf definition and for rare words inside the recognizer's lexicon, and a
 sweep of a per-OOV-word bonus added to the LM score (alpha/beta re-tuned on dev for each bonus; for an ensemble, OOV
@@ -34,7 +39,7 @@ from asr_results import spec_scorer  # noqa: E402
 
 from pflm.evaluation.nbest import read_nbest  # noqa: E402
 from pflm.evaluation.rescore import RescoreConfig, score_nbest, select, tune  # noqa: E402
-from pflm.evaluation.tail_words import tail_stats, zipf_frequency  # noqa: E402
+from pflm.evaluation.tail_words import rare_mask, tail_stats, zipf_frequency  # noqa: E402
 
 
 def lexicon_words(path: str | None) -> set[str]:
@@ -136,11 +141,37 @@ def dev_analysis(dev, scorer, lexicon: set[str], zipf: float, bonuses: list[floa
               f"{100 * (1 - err.sum() / fp_err):+.1f}% | " + " | ".join(parts))
 
 
+def rare_word_bound(s, idx: np.ndarray, is_rare) -> dict[str, float | int]:
+    """Relative reductions of the choice `idx` (overall, rare-word utterances) and the two rare-word bounds."""
+    err = np.take_along_axis(s.errors, idx[:, None], axis=1)[:, 0]
+    mask = np.asarray(rare_mask(s.refs, is_rare), dtype=bool)
+    first_rare, chosen_rare = int(s.errors[mask, 0].sum()), int(err[mask].sum())
+    missed = switched = 0
+    generous = chosen_rare
+    for i in np.flatnonzero(mask):
+        chosen = set(s.texts[i][int(idx[i])].split())
+        anyhyp = set().union(*(t.split() for t in s.texts[i]))
+        miss = sum(1 for w in s.refs[i].split() if is_rare(w) and w in anyhyp and w not in chosen)
+        missed += miss
+        if miss:
+            switched += 1
+            generous -= int(err[i] - s.errors[i].min())
+    rel = (lambda e: 1 - e / first_rare if first_rare else 0.0)
+    return {"overall": 1 - err.sum() / s.errors[:, 0].sum(), "rare_utts": rel(chosen_rare), "missed": missed,
+            "per_token_bound": rel(max(chosen_rare - missed, 0)), "switched": switched, "generous_bound": rel(generous)}
+
+
+def print_bounds(name: str, b: dict[str, float | int]) -> None:
+    print(f"[{name}] overall {100 * b['overall']:+.1f}% | rare-word utterances {100 * b['rare_utts']:+.1f}%; "
+          f"{b['missed']} reachable rare words missed: fixed at one error each {100 * b['per_token_bound']:+.1f}%; "
+          f"{b['switched']} utterances switched to their oracle {100 * b['generous_bound']:+.1f}%")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="run directory, or RUN_A+RUN_B for an ensemble")
     ap.add_argument("--dev", required=True)
-    ap.add_argument("--sets", nargs="*", default=[], metavar="NAME=PATH", help="N-best files for part 1 only")
+    ap.add_argument("--sets", nargs="*", default=[], metavar="NAME=PATH", help="N-best files for parts 1 and 3")
     ap.add_argument("--lexicon", help="recognizer pronunciation dictionary (default: pocketsphinx's cmudict)")
     ap.add_argument("--cache", default="/tmp/asr/score_cache")
     ap.add_argument("--rare-zipf", type=float, default=3.0)
@@ -150,10 +181,17 @@ def main() -> int:
     lexicon = lexicon_words(args.lexicon)
     _, scorer = spec_scorer(args.run, args.cache)
     dev = read_nbest(args.dev)
-    for name, utts in [("dev", dev)] + [(k, read_nbest(v)) for k, v in (x.split("=", 1) for x in args.sets)]:
+    sets = [("dev", dev)] + [(k, read_nbest(v)) for k, v in (x.split("=", 1) for x in args.sets)]
+    for name, utts in sets:
         print_breakdown(name, len(utts), rare_breakdown(utts, lexicon, scorer.vocab, args.rare_zipf), args.rare_zipf)
     if args.depth_check:
         depth_check(dev, lexicon, args.rare_zipf, args.depth_check)
+    tuned = tune(score_nbest(dev, scorer), RescoreConfig(smooth=2))
+    print(f"part 3: alpha={tuned.alpha:g} beta={tuned.beta:g} (tuned on dev, --smooth 2)")
+    is_rare = (lambda w: zipf_frequency(w) < args.rare_zipf)
+    for name, utts in sets:
+        scored = score_nbest(utts, scorer)
+        print_bounds(name, rare_word_bound(scored, select(scored, tuned.alpha, tuned.beta), is_rare))
     dev_analysis(dev, scorer, lexicon, args.rare_zipf, args.bonus)
     return 0
 
