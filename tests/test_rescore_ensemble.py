@@ -169,3 +169,27 @@ def test_ensemble_members_refuses_mechanisms_it_cannot_split():
         PrivacyConfig(target_epsilon=2.0, noise_multiplier=None, ensemble_members=0)
     with pytest.raises(ConfigError, match="mechanism=gaussian"):
         PrivacyConfig(target_epsilon=2.0, noise_multiplier=None, ensemble_members=2, mechanism="dpftrl")
+
+
+def test_rescore_cli_compares_against_another_ensemble(tmp_path, monkeypatch, capsys):
+    mod = types.ModuleType("pflm.evaluation.lm_scorer")
+    mod.load_scorer = lambda run_dir: UnigramScorer()
+    monkeypatch.setitem(sys.modules, "pflm.evaluation.lm_scorer", mod)
+    a, b = write_run(tmp_path / "a", SIGMA_600, 300), write_run(tmp_path / "b", SIGMA_600, 300)
+    c, d = write_run(tmp_path / "c", SIGMA_300, 300), write_run(tmp_path / "d", SIGMA_300, 300)
+    dev = write_nbest(tmp_path / "dev.jsonl", DEV)
+    test = write_nbest(tmp_path / "test.jsonl", TEST_LM_RIGHT)
+    args = ["rescore", "--checkpoint", str(a), "--ensemble", str(b), "--dev", str(dev), "--test", str(test),
+            "--alpha-grid", "0,0.01,0.1,1", "--beta-grid=0", "--bootstrap", "50"]
+    assert main(args + ["--out", str(tmp_path / "o1"), "--compare", f"{c}+{d}"]) == 0
+    printed = capsys.readouterr().out
+    # the second pair is one system too, charged both of its members' releases (2 x eps 2 -> 2.16)
+    assert "LM c+d" in printed and "DP eps=2.16 delta=1e-06 (2 runs composed)" in printed
+    names = [s["name"] for s in json.loads((tmp_path / "o1" / "summary.json").read_text())["comparison"]["systems"]]
+    assert names == ["first pass", "LM a+b", "LM c+d"]
+    # a directory whose name holds '+' is a run, not an ensemble; an empty member is a one-line error
+    plus = write_run(tmp_path / "x+y", SIGMA_300, 300)
+    assert main(args + ["--out", str(tmp_path / "o2"), "--compare", str(plus)]) == 0
+    assert "LM x+y" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "o3"), "--compare", f"{c}+"]) == 2
+    assert "a member is empty" in capsys.readouterr().err

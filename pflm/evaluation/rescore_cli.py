@@ -72,7 +72,7 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
     from pflm.evaluation.compare_report import to_json, write_plot
     from pflm.evaluation.nbest import read_nbest
     from pflm.evaluation.rescore import evaluate
-    from pflm.evaluation.rescore_systems import ensemble_source, ngram_source, run_source
+    from pflm.evaluation.rescore_systems import ensemble_source, ngram_source, run_source, spec_source
     from pflm.evaluation.tail_words import rare_predicate
 
     opt = options or RescoreOptions()
@@ -82,7 +82,7 @@ def rescore_run(run_dir: Path, dev: str | Path, test_path: str | Path, config: A
         sources = [ensemble_source([str(run_dir), *opt.ensemble], _load_scorer, opt.oov_scoring)]
     else:
         sources = [run_source(str(run_dir), _load_scorer, opt.oov_scoring)]
-    sources += [run_source(d, _load_scorer, opt.oov_scoring) for d in opt.compare]
+    sources += [spec_source(d, _load_scorer, opt.oov_scoring) for d in opt.compare]
     vocab = getattr(sources[0].scorer, "vocab", None)
     if opt.ngram_data:
         print("NOTE: the n-gram baseline is trained on the train users' text WITHOUT noise: its rows (and the "
@@ -287,7 +287,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-test", action="append", metavar="NAME=PATH",
                    help="another test N-best set scored with the dev-tuned values (e.g. another voice); repeatable")
     p.add_argument("--compare", action="append", metavar="RUN_DIR",
-                   help="another `pflm train` run to tune and test the same way (e.g. the non-private LM); repeatable")
+                   help="another `pflm train` run to tune and test the same way (e.g. the non-private LM), or "
+                   "RUN_A+RUN_B for another ensemble; repeatable")
     p.add_argument("--ensemble", action="append", metavar="RUN_DIR",
                    help="score this run together with --checkpoint as one LM (mean sentence log-probability); its "
                    "privacy is every member's releases composed; repeatable")

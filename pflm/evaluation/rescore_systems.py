@@ -45,6 +45,16 @@ def ensemble_source(run_dirs: list[str], load: Callable[..., Any], oov_scoring: 
     return LMSource(name="LM " + "+".join(p.name for p in paths), privacy=ensemble_privacy_label(paths), scorer=scorer)
 
 
+def spec_source(spec: str, load: Callable[..., Any], oov_scoring: str) -> LMSource:
+    """A run directory, or `RUN_A+RUN_B` (when no directory has that name) for the runs scored as one ensemble."""
+    if "+" in spec and not Path(spec).is_dir():
+        members = spec.split("+")
+        if any(not m for m in members):
+            raise ConfigError(f"{spec!r} is not RUN_A+RUN_B: a member is empty; write e.g. runs/a+runs/b")
+        return ensemble_source(members, load, oov_scoring)
+    return run_source(spec, load, oov_scoring)
+
+
 def ngram_source(data_dir: str, order: int, vocab: frozenset[str] | None, oov_scoring: str,
                  arpa_out: Path | None = None) -> LMSource:
     """Kneser–Ney on the store's train split (NON-PRIVATE), same vocabulary and OOV scoring as the main LM."""
