@@ -75,7 +75,8 @@ def to_json(cmp: Comparison, rare_zipf: float, resamples: int) -> dict[str, Any]
                           **_coverage_json(cmp, k)} for k in cmp.test_sets},
         "dev_oov": cmp.oov.get("dev", {}),
         "systems": [{"name": s.name, "privacy": s.privacy, "alpha": s.alpha, "beta": s.beta, "lambda": s.lam,
-                     "dev_wer": s.dev_wer, "test": {k: set_summary(s.sets[k], first.sets[k], cmp.oracle_wer[k], _oracle_rare(cmp, k))
+                     "dev_wer": s.dev_wer,
+                     "test": {k: set_summary(s.sets[k], first.sets[k], cmp.oracle_wer[k], _oracle_rare(cmp, k))
                               for k in cmp.test_sets}}
                     for s in cmp.systems],
         "pairwise": [{"test_set": p["test_set"], "a": p["a"], "b": p["b"],
