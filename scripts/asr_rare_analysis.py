@@ -109,15 +109,14 @@ def depth_check(dev, lexicon: set[str], zipf: float, k: int) -> None:
           f"{min(k, len(todo))} ({sum(len(m) for _, m in todo[:k])} such tokens) finds, by N-best depth: {found}")
 
 
-def dev_analysis(dev, scorer, lexicon: set[str], zipf: float, bonuses: list[float]) -> None:
-    s = score_nbest(dev, scorer)
+def dev_analysis(s, scorer, lexicon: set[str], zipf: float, bonuses: list[float]) -> None:
+    """Part 2 on the scored dev set `s` (scorer: the same LM, for its vocabulary and normalisation)."""
     cfg = RescoreConfig(smooth=2)
     noov = np.zeros_like(s.lm)
     if scorer.vocab is not None:
         for i, row in enumerate(s.texts):
             for j, t in enumerate(row):
                 noov[i, j] = sum(w not in scorer.vocab for w in scorer.normalize(t).split())
-    fp_idx = np.zeros(len(dev), dtype=np.int64)
     fp_err = s.errors[:, 0].sum()
     preds = {"Zipf": lambda w: zipf_frequency(w) < zipf,
              "Zipf & in lexicon": lambda w: zipf_frequency(w) < zipf and w in lexicon}
@@ -126,6 +125,8 @@ def dev_analysis(dev, scorer, lexicon: set[str], zipf: float, bonuses: list[floa
         err = np.take_along_axis(s.errors, idx[:, None], axis=1)[:, 0]
         return err, tail_stats(s.refs, [s.texts[i][int(j)] for i, j in enumerate(idx)], err, pred)
 
+    first = {pname: tails(np.zeros(len(s.refs), dtype=np.int64), pred)[1] for pname, pred in preds.items()}
+
     print(f"[dev] per-OOV-word bonus added to the LM log-prob (nats), alpha/beta re-tuned on dev (--smooth 2)")
     for b in bonuses:
         sb = dataclasses.replace(s, lm=s.lm + b * noov)
@@ -133,7 +134,7 @@ def dev_analysis(dev, scorer, lexicon: set[str], zipf: float, bonuses: list[floa
         idx = select(sb, t.alpha, t.beta)
         parts = []
         for pname, pred in preds.items():
-            _, f = tails(fp_idx, pred)
+            f = first[pname]
             err, r = tails(idx, pred)
             parts.append(f"{pname}: {r.rare_utterances} utts rel {100 * (1 - r.rare_utt_wer / f.rare_utt_wer):+.1f}%"
                          f" recall {100 * f.rare_recall:.1f}->{100 * r.rare_recall:.1f}")
@@ -186,13 +187,13 @@ def main() -> int:
         print_breakdown(name, len(utts), rare_breakdown(utts, lexicon, scorer.vocab, args.rare_zipf), args.rare_zipf)
     if args.depth_check:
         depth_check(dev, lexicon, args.rare_zipf, args.depth_check)
-    tuned = tune(score_nbest(dev, scorer), RescoreConfig(smooth=2))
+    scored = {name: score_nbest(utts, scorer) for name, utts in sets}  # each set scored once, for parts 3 and 2
+    tuned = tune(scored["dev"], RescoreConfig(smooth=2))
     print(f"part 3: alpha={tuned.alpha:g} beta={tuned.beta:g} (tuned on dev, --smooth 2)")
     is_rare = (lambda w: zipf_frequency(w) < args.rare_zipf)
-    for name, utts in sets:
-        scored = score_nbest(utts, scorer)
-        print_bounds(name, rare_word_bound(scored, select(scored, tuned.alpha, tuned.beta), is_rare))
-    dev_analysis(dev, scorer, lexicon, args.rare_zipf, args.bonus)
+    for name, s in scored.items():
+        print_bounds(name, rare_word_bound(s, select(s, tuned.alpha, tuned.beta), is_rare))
+    dev_analysis(scored["dev"], scorer, lexicon, args.rare_zipf, args.bonus)
     return 0
 
 
